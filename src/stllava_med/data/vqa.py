@@ -1,0 +1,439 @@
+"""Medical VQA records and loaders: VQA-RAD, SLAKE, PathVQA, the LLaVA-Med evaluation format, our own JSONL.
+
+One record type, :class:`VQARecord`, for every benchmark. Loaders read the files in the formats they are
+published in, check every field they use, and name the file, record and field when something is wrong.
+Missing images are an error by default; with ``on_missing_image="skip"`` they are skipped, counted and
+reported in a :class:`LoadReport`, never dropped silently.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from stllava_med.eval.metrics import normalize_answer_type
+from stllava_med.utils.io import load_json, read_jsonl
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("vqa_rad", "vqa_rad_public", "slake", "pathvqa", "llava_med", "native")
+
+
+@dataclass(frozen=True)
+class VQARecord:
+    """One question about one image. ``answer_type`` is ``OPEN`` or ``CLOSED``; ``id`` is unique per dataset."""
+
+    id: str
+    image: str
+    question: str
+    answer: str
+    answer_type: str
+    dataset: str
+    split: str
+    meta: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, obj: Mapping[str, Any], *, where: str = "record") -> VQARecord:
+        missing = [k for k in ("id", "image", "question", "answer", "answer_type") if k not in obj]
+        if missing:
+            raise ValueError(f"{where}: missing field(s) {missing}")
+        return cls(
+            id=str(obj["id"]),
+            image=str(obj["image"]),
+            question=str(obj["question"]),
+            answer=str(obj["answer"]),
+            answer_type=_answer_type(obj["answer_type"], where),
+            dataset=str(obj.get("dataset", "native")),
+            split=str(obj.get("split", "test")),
+            meta=dict(obj.get("meta") or {}),
+        )
+
+
+@dataclass
+class LoadReport:
+    """What a loader read, kept and skipped (with reasons), for logs and run summaries."""
+
+    source: str
+    read: int = 0
+    kept: int = 0
+    skipped: Counter = field(default_factory=Counter)
+    examples: list[str] = field(default_factory=list)
+
+    def skip(self, reason: str, detail: str) -> None:
+        self.skipped[reason] += 1
+        if len(self.examples) < 20:
+            self.examples.append(f"{reason}: {detail}")
+
+    def to_json(self) -> dict[str, Any]:
+        return {"source": self.source, "read": self.read, "kept": self.kept, "skipped": dict(self.skipped),
+                "skip_examples": self.examples}
+
+
+class ImageError(ValueError):
+    """A record's image is missing or unreadable; the message names the record and the path."""
+
+
+def _answer_type(value: Any, where: str) -> str:
+    try:
+        return normalize_answer_type(value)
+    except ValueError as err:
+        raise ValueError(f"{where}: field 'answer_type': {err}") from None
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Images
+# --------------------------------------------------------------------------------------------------------------
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Convert any PIL mode that occurs in medical sets to 8-bit RGB without losing the picture.
+
+    16-bit and 32-bit grayscale (``I;16``, ``I``, ``F``: DICOM exports) are rescaled from their actual value
+    range — a plain ``convert`` would clip everything above 255 to white. Transparent images (``RGBA``,
+    ``LA``, ``P`` with a transparency key) are composited on black, the background of radiographs."""
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        array = np.asarray(image, dtype=np.float64)
+        lo, hi = float(array.min()), float(array.max())
+        scaled = np.zeros_like(array) if hi <= lo else (array - lo) / (hi - lo) * 255.0
+        return Image.fromarray(scaled.round().astype(np.uint8), mode="L").convert("RGB")
+    if mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+        mode = image.mode
+        if mode == "RGB":
+            return image
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV
+
+
+def load_image(path: str | Path, *, record_id: str | None = None) -> Image.Image:
+    """Open an image as RGB; a missing or undecodable file raises :class:`ImageError` naming record and path."""
+    where = f"record {record_id!r}: " if record_id is not None else ""
+    path = Path(path)
+    if not path.is_file():
+        raise ImageError(f"{where}image not found: {path}")
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return to_rgb(img)
+    except (UnidentifiedImageError, OSError, ValueError) as err:
+        raise ImageError(f"{where}cannot read image {path}: {err}") from err
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Loaders
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _require(obj: Mapping[str, Any], key: str, where: str) -> Any:
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    if key not in obj:
+        raise ValueError(f"{where}: missing field {key!r}")
+    return obj[key]
+
+
+def _list_of_records(data: Any, path: Path) -> list[Any]:
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
+    return data
+
+
+def _finish(records: list[VQARecord], report: LoadReport, on_missing_image: str) -> list[VQARecord]:
+    """Check images exist; error or count-and-skip as configured."""
+    if on_missing_image not in ("error", "skip"):
+        raise ValueError(f"on_missing_image must be 'error' or 'skip', not {on_missing_image!r}")
+    kept: list[VQARecord] = []
+    for record in records:
+        if not Path(record.image).is_file():
+            if on_missing_image == "error":
+                raise ImageError(
+                    f"{report.source}: record {record.id!r}: image not found: {record.image} "
+                    "(set on_missing_image=skip to skip such records, counted)"
+                )
+            report.skip("missing_image", f"{record.id} -> {record.image}")
+            continue
+        kept.append(record)
+    report.kept = len(kept)
+    if report.skipped:
+        log.warning("%s: skipped %s", report.source, dict(report.skipped))
+    return kept
+
+
+def load_vqa_rad(root: str | Path, split: str = "test", *, on_missing_image: str = "error",
+                 image_dir: str | Path | None = None) -> tuple[list[VQARecord], LoadReport]:
+    """VQA-RAD in the MEVF split files ``trainset.json`` / ``testset.json`` (images in ``images/``).
+
+    Record ids are ``qid - 1`` to match LLaVA-Med's VQA-RAD ``test.json`` (so answer files from LLaVA-Med
+    score against ours without remapping)."""
+    root = Path(root)
+    names = {"train": "trainset.json", "test": "testset.json"}
+    if split not in names:
+        raise ValueError(f"VQA-RAD split must be one of {sorted(names)}, not {split!r}")
+    path = root / names[split]
+    images = Path(image_dir) if image_dir else root / "images"
+    report = LoadReport(source=str(path))
+    records = []
+    for index, row in enumerate(_list_of_records(load_json(path), path)):
+        where = f"{path}: record {index}"
+        qid = _require(row, "qid", where)
+        records.append(VQARecord(
+            id=str(int(qid) - 1),
+            image=str(images / str(_require(row, "image_name", where))),
+            question=str(_require(row, "question", where)),
+            answer=str(_require(row, "answer", where)),
+            answer_type=_answer_type(_require(row, "answer_type", where), where),
+            dataset="vqa_rad",
+            split=split,
+            meta={k: row[k] for k in ("image_organ", "question_type", "phrase_type") if k in row},
+        ))
+    report.read = len(records)
+    return _finish(records, report, on_missing_image), report
+
+
+def load_vqa_rad_public(root: str | Path, split: str = "test", *, include_rephrase: bool = True,
+                        on_missing_image: str = "error", image_dir: str | Path | None = None,
+                        ) -> tuple[list[VQARecord], LoadReport]:
+    """The official release ``VQA_RAD Dataset Public.json``: rows whose ``phrase_type`` starts with ``test_``
+    form the test split. ``include_rephrase`` adds each row's paraphrase (``question_rephrase``) as a second
+    record with id ``<qid>_rephrase``; ``"NULL"`` marks a missing value in this file."""
+    root = Path(root)
+    path = root / "VQA_RAD Dataset Public.json"
+    if split not in ("train", "test", "all"):
+        raise ValueError(f"VQA-RAD split must be 'train', 'test' or 'all', not {split!r}")
+    images = Path(image_dir) if image_dir else root / "images"
+    report = LoadReport(source=str(path))
+    records = []
+    for index, row in enumerate(_list_of_records(load_json(path), path)):
+        where = f"{path}: record {index}"
+        phrase_type = str(_require(row, "phrase_type", where))
+        row_split = "test" if phrase_type.startswith("test") else "train"
+        if split != "all" and row_split != split:
+            continue
+        qid = str(_require(row, "qid", where))
+        base = dict(
+            image=str(images / str(_require(row, "image_name", where))),
+            answer=str(_require(row, "answer", where)),
+            answer_type=_answer_type(_require(row, "answer_type", where), where),
+            dataset="vqa_rad_public",
+            split=row_split,
+            meta={k: row[k] for k in ("image_organ", "question_type", "phrase_type", "evaluation") if k in row},
+        )
+        records.append(VQARecord(id=qid, question=str(_require(row, "question", where)), **base))
+        rephrase = row.get("question_rephrase")
+        if include_rephrase and rephrase not in (None, "", "NULL"):
+            records.append(VQARecord(id=f"{qid}_rephrase", question=str(rephrase), **base))
+    report.read = len(records)
+    return _finish(records, report, on_missing_image), report
+
+
+def load_slake(root: str | Path, split: str = "test", *, language: str | None = "en",
+               on_missing_image: str = "error", image_dir: str | Path | None = None,
+               ) -> tuple[list[VQARecord], LoadReport]:
+    """SLAKE (Slake1.0): ``train.json`` / ``validate.json`` / ``test.json`` with images ``imgs/<img_name>``.
+
+    ``language`` filters on ``q_lang`` (``en`` is the usual benchmark; ``zh`` or ``None`` for all). Record ids
+    are the ``qid`` field, which is LLaVA-Med's SLAKE id."""
+    root = Path(root)
+    names = {"train": "train.json", "validate": "validate.json", "val": "validate.json", "test": "test.json"}
+    if split not in names:
+        raise ValueError(f"SLAKE split must be one of {sorted(names)}, not {split!r}")
+    path = root / names[split]
+    images = Path(image_dir) if image_dir else root / "imgs"
+    report = LoadReport(source=str(path))
+    records = []
+    for index, row in enumerate(_list_of_records(load_json(path), path)):
+        where = f"{path}: record {index}"
+        if language and str(_require(row, "q_lang", where)) != language:
+            continue
+        records.append(VQARecord(
+            id=str(_require(row, "qid", where)),
+            image=str(images / str(_require(row, "img_name", where))),
+            question=str(_require(row, "question", where)),
+            answer=str(_require(row, "answer", where)),
+            answer_type=_answer_type(_require(row, "answer_type", where), where),
+            dataset="slake",
+            split=split,
+            meta={k: row[k] for k in ("modality", "location", "content_type", "q_lang", "base_type") if k in row},
+        ))
+    report.read = len(records)
+    return _finish(records, report, on_missing_image), report
+
+
+def _pathvqa_answer_type(answer: str) -> str:
+    # PathVQA has no answer-type field; LLaVA-Med (and everyone since) treats yes/no answers as CLOSED.
+    return "CLOSED" if answer.strip().lower() in ("yes", "no") else "OPEN"
+
+
+def load_pathvqa(root: str | Path, split: str = "test", *, image_cache: str | Path | None = None,
+                 on_missing_image: str = "error") -> tuple[list[VQARecord], LoadReport]:
+    """PathVQA in its widely used parquet form (``image`` = ``{bytes, path}``, ``question``, ``answer``), files
+    ``<split>-*.parquet`` under ``root`` or ``root/data``. Image bytes are written once to ``image_cache``
+    (content-addressed names), so downstream stages see ordinary image paths."""
+    import pyarrow.parquet as pq
+
+    root = Path(root)
+    files = sorted([*root.glob(f"{split}-*.parquet"), *root.glob(f"data/{split}-*.parquet"),
+                    *root.glob(f"{split}.parquet")])
+    if not files:
+        raise FileNotFoundError(f"PathVQA: no {split}-*.parquet under {root} or {root / 'data'}")
+    cache = Path(image_cache) if image_cache else root / "images_cache"
+    cache.mkdir(parents=True, exist_ok=True)
+    report = LoadReport(source=", ".join(str(f) for f in files))
+    records: list[VQARecord] = []
+    row_index = 0
+    for file in files:
+        table = pq.read_table(file)
+        for column in ("image", "question", "answer"):
+            if column not in table.column_names:
+                raise ValueError(f"{file}: missing column {column!r} (have {table.column_names})")
+        for row in table.to_pylist():
+            where = f"{file}: row {row_index}"
+            image = row["image"]
+            data = image.get("bytes") if isinstance(image, Mapping) else image
+            if not data:
+                if on_missing_image == "error":
+                    raise ImageError(f"{where}: field 'image' holds no bytes")
+                report.skip("missing_image", where)
+                row_index += 1
+                continue
+            digest = hashlib.sha256(data).hexdigest()[:24]
+            out = cache / f"{digest}.png"
+            if not out.is_file():
+                try:
+                    with Image.open(io.BytesIO(data)) as img:
+                        to_rgb(img).save(out)
+                except (UnidentifiedImageError, OSError) as err:
+                    raise ImageError(f"{where}: cannot decode field 'image': {err}") from err
+            answer = str(row["answer"])
+            records.append(VQARecord(
+                id=str(row_index), image=str(out), question=str(row["question"]), answer=answer,
+                answer_type=_pathvqa_answer_type(answer), dataset="pathvqa", split=split,
+            ))
+            row_index += 1
+    report.read = row_index
+    return _finish(records, report, on_missing_image), report
+
+
+def load_llava_med(path: str | Path, image_folder: str | Path, *, dataset: str = "llava_med", split: str = "test",
+                   on_missing_image: str = "error") -> tuple[list[VQARecord], LoadReport]:
+    """The LLaVA-Med evaluation format: ``[{id, image, answer_type, conversations: [{from: human, value:
+    "<question>\\n<image>"}, {from: gpt, value: "<answer>"}]}]`` (a JSON list, or JSONL)."""
+    path = Path(path)
+    rows = list(read_jsonl(path)) if path.suffix == ".jsonl" else _list_of_records(load_json(path), path)
+    report = LoadReport(source=str(path))
+    records = []
+    for index, row in enumerate(rows):
+        where = f"{path}: record {index}"
+        conversations = _require(row, "conversations", where)
+        if not isinstance(conversations, list) or len(conversations) < 2:
+            raise ValueError(f"{where}: field 'conversations' must hold a human turn and a gpt turn")
+        human = next((c for c in conversations if c.get("from") == "human"), None)
+        answer = next((c for c in conversations if c.get("from") == "gpt"), None)
+        if human is None or answer is None:
+            raise ValueError(f"{where}: field 'conversations' needs one 'human' and one 'gpt' turn")
+        question = str(human.get("value", "")).replace("<image>", "").strip()
+        records.append(VQARecord(
+            id=str(_require(row, "id", where)),
+            image=str(Path(image_folder) / str(_require(row, "image", where))),
+            question=question,
+            answer=str(answer.get("value", "")),
+            answer_type=_answer_type(_require(row, "answer_type", where), where),
+            dataset=dataset,
+            split=split,
+        ))
+    report.read = len(records)
+    return _finish(records, report, on_missing_image), report
+
+
+def load_native(path: str | Path, *, on_missing_image: str = "error") -> tuple[list[VQARecord], LoadReport]:
+    """Our own JSONL of :meth:`VQARecord.to_json` lines."""
+    path = Path(path)
+    records = [VQARecord.from_json(obj, where=f"{path}: line {i + 1}") for i, obj in enumerate(read_jsonl(path))]
+    report = LoadReport(source=str(path), read=len(records))
+    return _finish(records, report, on_missing_image), report
+
+
+def load_vqa(spec: Mapping[str, Any]) -> tuple[list[VQARecord], LoadReport]:
+    """Load one dataset from a ``data.<name>`` config entry (``format``, ``root``/``path``, ``split``...)."""
+    spec = dict(spec)
+    fmt = spec.get("format")
+    on_missing = str(spec.get("on_missing_image", "error"))
+    split = str(spec.get("split", "test"))
+    if fmt == "vqa_rad":
+        records, report = load_vqa_rad(spec["root"], split, on_missing_image=on_missing, image_dir=spec.get("image_dir"))
+    elif fmt == "vqa_rad_public":
+        records, report = load_vqa_rad_public(spec["root"], split, include_rephrase=bool(spec.get("include_rephrase", True)),
+                                              on_missing_image=on_missing, image_dir=spec.get("image_dir"))
+    elif fmt == "slake":
+        records, report = load_slake(spec["root"], split, language=spec.get("language", "en"),
+                                     on_missing_image=on_missing, image_dir=spec.get("image_dir"))
+    elif fmt == "pathvqa":
+        records, report = load_pathvqa(spec["root"], split, image_cache=spec.get("image_cache"), on_missing_image=on_missing)
+    elif fmt == "llava_med":
+        records, report = load_llava_med(spec["path"], spec["image_folder"], dataset=str(spec.get("name", "llava_med")),
+                                         split=split, on_missing_image=on_missing)
+    elif fmt == "native":
+        records, report = load_native(spec["path"], on_missing_image=on_missing)
+    else:
+        raise ValueError(f"unknown dataset format {fmt!r}; expected one of {FORMATS}")
+    limit = spec.get("limit")
+    if limit:
+        records = records[: int(limit)]
+    ids = Counter(r.id for r in records)
+    duplicated = [i for i, n in ids.items() if n > 1]
+    if duplicated:
+        raise ValueError(f"{report.source}: duplicate record ids {duplicated[:5]}")
+    return records, report
+
+
+def dataset_specs(data_cfg: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """The dataset entries of a ``data`` config node: every child mapping that has a ``format``.
+
+    Dataset configs are namespaced under their own name, so ``data=vqa_rad`` gives ``data.vqa_rad`` and
+    ``data=[vqa_rad,slake]`` gives both; flat keys beside them (``data.fraction``...) are stage settings."""
+    specs = {}
+    for name, value in dict(data_cfg).items():
+        if isinstance(value, Mapping) and "format" in value:
+            spec = dict(value)
+            spec.setdefault("name", name)
+            specs[str(name)] = spec
+    if not specs:
+        raise ValueError("no dataset selected: choose one with data=<name> (see conf/data/)")
+    return specs
+
+
+def write_llava_med_eval(records: Iterable[VQARecord], path: str | Path, image_root: str | Path) -> Path:
+    """Write records in the LLaVA-Med evaluation format (image paths relative to ``image_root``)."""
+    from stllava_med.utils.io import atomic_write_text
+
+    rows = []
+    for record in records:
+        rows.append({
+            "id": record.id,
+            "image": str(Path(record.image).relative_to(image_root)),
+            "answer_type": record.answer_type,
+            "conversations": [
+                {"from": "human", "value": f"{record.question}\n<image>"},
+                {"from": "gpt", "value": record.answer},
+            ],
+        })
+    return atomic_write_text(path, json.dumps(rows, indent=1, ensure_ascii=False) + "\n")

@@ -1,0 +1,172 @@
+"""Zero-shot medical VQA: batched greedy decoding, resumable prediction files, LLaVA-Med metrics.
+
+The prompt is LLaVA-Med's single turn, ``<image>\\n{question}``, rendered through the backbone's chat
+template by :mod:`stllava_med.chat` (the same renderer training uses). Predictions are appended to
+``predictions.jsonl`` as they are produced, so an interrupted evaluation of a 7B model on PathVQA's 6761
+questions continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from stllava_med.backbone import Backbone
+from stllava_med.chat import ChatFormat, prompt_text, vqa_turns
+from stllava_med.data.vqa import ImageError, VQARecord, load_image
+from stllava_med.eval.metrics import MedVQAMetrics
+from stllava_med.utils.io import JsonlWriter, atomic_write_json, atomic_write_text, read_jsonl
+
+log = logging.getLogger(__name__)
+
+METRIC_KEYS = ("open_recall", "open_f1", "closed_accuracy", "closed_accuracy_strict")
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    try:
+        return next(p.device for p in model.parameters())
+    except StopIteration:
+        return torch.device("cpu")
+
+
+@torch.inference_mode()
+def generate_batch(backbone: Backbone, prompts: Sequence[str], images: Sequence[Any], *, max_new_tokens: int,
+                   do_sample: bool = False, num_return_sequences: int = 1, **sampling: Any) -> list[str]:
+    """Decode continuations for a batch of rendered prompts (left-padded); returns the new text only,
+    ``num_return_sequences`` consecutive entries per prompt."""
+    processor = backbone.processor
+    tokenizer = processor.tokenizer
+    previous_side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        inputs = processor(text=list(prompts), images=list(images) if images else None, padding=True,
+                           return_tensors="pt")
+    finally:
+        tokenizer.padding_side = previous_side
+    device = model_device(backbone.model)
+    dtype = next((p.dtype for p in backbone.model.parameters() if p.is_floating_point()), torch.float32)
+    inputs = {k: (v.to(device, dtype=dtype) if k == "pixel_values" and v.is_floating_point() else v.to(device))
+              for k, v in inputs.items() if isinstance(v, torch.Tensor)}
+    was_training = backbone.model.training
+    backbone.model.eval()
+    try:
+        output = backbone.model.generate(
+            **inputs,
+            max_new_tokens=max_new_tokens,
+            do_sample=do_sample,
+            num_return_sequences=num_return_sequences,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            **({k: v for k, v in sampling.items() if v is not None} if do_sample else {}),
+        )
+    finally:
+        backbone.model.train(was_training)
+    new_tokens = output[:, inputs["input_ids"].shape[1]:]
+    return [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+
+
+def _done_ids(path: Path) -> dict[str, dict[str, Any]]:
+    if not path.is_file():
+        return {}
+    return {str(row["question_id"]): row for row in read_jsonl(path, allow_truncated_tail=True)}
+
+
+def _rewrite_clean(path: Path, rows: dict[str, dict[str, Any]]) -> None:
+    """Drop a torn last line left by a killed run before appending again."""
+    from stllava_med.utils.io import write_jsonl
+
+    write_jsonl(path, rows.values())
+
+
+def predict(backbone: Backbone, records: Sequence[VQARecord], fmt: ChatFormat, predictions_path: Path, *,
+            batch_size: int = 8, max_new_tokens: int = 32, on_bad_image: str = "error", progress: bool = True,
+            desc: str = "evaluate") -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Answer every record greedily, appending to ``predictions_path``; records already there are reused.
+
+    Returns the predictions in record order and run statistics (questions/s, skipped images)."""
+    done = _done_ids(predictions_path)
+    if done:
+        _rewrite_clean(predictions_path, done)
+        log.info("%s: resuming, %d/%d predictions already in %s", desc, len(done), len(records), predictions_path)
+    todo = [r for r in records if r.id not in done]
+    skipped: list[str] = []
+    generated = 0
+    started = time.perf_counter()
+    bar = tqdm(total=len(records), initial=len(records) - len(todo), desc=desc, unit="q", disable=not progress,
+               dynamic_ncols=True)
+    with JsonlWriter(predictions_path) as writer:
+        for start in range(0, len(todo), batch_size):
+            chunk = todo[start:start + batch_size]
+            batch_records, images = [], []
+            for record in chunk:
+                try:
+                    images.append(load_image(record.image, record_id=record.id))
+                    batch_records.append(record)
+                except ImageError as err:
+                    if on_bad_image != "skip":
+                        raise
+                    skipped.append(str(err))
+            if not batch_records:
+                bar.update(len(chunk))
+                continue
+            prompts = [prompt_text(backbone.processor, vqa_turns(r.question), "assistant", fmt) for r in batch_records]
+            texts = generate_batch(backbone, prompts, images, max_new_tokens=max_new_tokens)
+            for record, prompt, text in zip(batch_records, prompts, texts):
+                row = {"question_id": record.id, "prompt": record.question, "text": text,
+                       "answer_type": record.answer_type, "answer": record.answer, "image": record.image}
+                writer.write(row)
+                done[record.id] = row
+            generated += len(batch_records)
+            bar.update(len(chunk))
+            elapsed = time.perf_counter() - started
+            bar.set_postfix(q_per_s=f"{generated / max(elapsed, 1e-9):.2f}")
+    bar.close()
+    elapsed = time.perf_counter() - started
+    if skipped:
+        log.warning("%s: skipped %d unreadable images (first: %s)", desc, len(skipped), skipped[0])
+    rows = [done[r.id] for r in records if r.id in done]
+    stats = {"generated": generated, "seconds": round(elapsed, 3),
+             "questions_per_s": round(generated / elapsed, 3) if generated and elapsed > 0 else None,
+             "skipped_images": len(skipped), "skipped_examples": skipped[:10]}
+    return rows, stats
+
+
+def score_rows(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    metric = MedVQAMetrics()
+    if rows:
+        metric.update([str(r["text"]) for r in rows], [str(r["answer"]) for r in rows],
+                      [str(r["answer_type"]) for r in rows])
+    return metric.compute() if rows else {k: 0.0 for k in METRIC_KEYS} | {"n_open": 0, "n_closed": 0}
+
+
+def markdown_table(results: dict[str, dict[str, Any]], *, title_column: str = "dataset") -> str:
+    """A Markdown table: one row per entry, the four VQA metrics (×100) and question counts."""
+    header = f"| {title_column} | open recall | open F1 | closed acc. | closed acc. (strict) | n open | n closed |"
+    lines = [header, "|---|---:|---:|---:|---:|---:|---:|"]
+    for name, m in results.items():
+        lines.append(
+            f"| {name} | {m['open_recall']:.2f} | {m['open_f1']:.2f} | {m['closed_accuracy']:.2f} | "
+            f"{m['closed_accuracy_strict']:.2f} | {m['n_open']} | {m['n_closed']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def evaluate_dataset(backbone: Backbone, records: Sequence[VQARecord], fmt: ChatFormat, out_dir: Path, *,
+                     name: str, batch_size: int = 8, max_new_tokens: int = 32, on_bad_image: str = "error",
+                     progress: bool = True, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Predict, score and write ``predictions.jsonl``, ``metrics.json`` and ``table.md`` under ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows, stats = predict(backbone, records, fmt, out_dir / "predictions.jsonl", batch_size=batch_size,
+                          max_new_tokens=max_new_tokens, on_bad_image=on_bad_image, progress=progress,
+                          desc=f"evaluate {name}")
+    metrics = score_rows(rows)
+    metrics.update({"dataset": name, "n_questions": len(records), "n_scored": len(rows), **stats, **(extra or {})})
+    atomic_write_json(out_dir / "metrics.json", metrics)
+    atomic_write_text(out_dir / "table.md", markdown_table({name: metrics}))
+    return metrics

@@ -1,0 +1,67 @@
+"""Zero-shot medical VQA evaluation.
+
+    python -m stllava_med.evaluate backbone=tiny data=vqa_rad_sample
+    python -m stllava_med.evaluate backbone=llava15_7b 'data=[vqa_rad,slake]' eval.batch_size=16
+    python -m stllava_med.evaluate backbone.name_or_path=<exported dir> data=pathvqa
+
+Writes, per dataset, ``<out_dir>/<dataset>/{predictions.jsonl, metrics.json, table.md}`` and, for the run,
+``<out_dir>/metrics.json`` and ``<out_dir>/table.md``.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from stllava_med.utils import config as _config  # noqa: F401  (registers resolvers)
+
+log = logging.getLogger("stllava_med.evaluate")
+
+
+def run_evaluate(cfg: DictConfig, out_dir: Path | None = None) -> dict[str, Any]:
+    from stllava_med.backbone import load_backbone
+    from stllava_med.chat import ChatFormat
+    from stllava_med.data.vqa import dataset_specs, load_vqa
+    from stllava_med.eval.vqa import evaluate_dataset, markdown_table
+    from stllava_med.utils.io import atomic_write_json, atomic_write_text
+    from stllava_med.utils.runtime import finish_run, pick_device, start_run
+
+    out_dir = out_dir or start_run(cfg, "evaluate")
+    specs = dataset_specs(cfg.data)
+    loaded = {}
+    for name, spec in specs.items():  # load (and validate) every dataset before spending time on a model
+        records, report = load_vqa(spec)
+        loaded[name] = (records, report)
+        log.info("%s: %d questions (%s)", name, len(records), report.to_json()["skipped"] or "none skipped")
+    backbone = load_backbone(OmegaConf.to_container(cfg.backbone, resolve=True), with_lora=False)
+    if not cfg.backbone.get("quantization"):
+        backbone.model.to(pick_device(cfg.get("device")))
+    fmt = ChatFormat.from_config(cfg.backbone.get("chat"))
+    results: dict[str, dict[str, Any]] = {}
+    for name, (records, report) in loaded.items():
+        results[name] = evaluate_dataset(
+            backbone, records, fmt, out_dir / name, name=name,
+            batch_size=int(cfg.eval.batch_size), max_new_tokens=int(cfg.eval.max_new_tokens),
+            on_bad_image=str(cfg.eval.get("on_bad_image", "error")), progress=bool(cfg.eval.get("progress", True)),
+            extra={"load_report": report.to_json(), "backbone": backbone.name_or_path},
+        )
+    atomic_write_json(out_dir / "metrics.json", results)
+    table = markdown_table(results)
+    atomic_write_text(out_dir / "table.md", table)
+    if cfg.get("print_table", True):
+        print(f"\nZero-shot VQA — {backbone.name_or_path}\n\n{table}\nwritten to {out_dir}")
+    finish_run(out_dir, "evaluate", {"metrics": results})
+    return results
+
+
+@hydra.main(version_base="1.3", config_path="../../conf", config_name="evaluate")
+def main(cfg: DictConfig) -> None:
+    run_evaluate(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,134 @@
+"""Config plumbing shared by the Hydra entry points: resolvers, deterministic run directories, seeding.
+
+A run directory is a function of the stage and of the config keys that affect its result, so rerunning the
+same command lands in the same directory and resumes; keys that only change *how* a run is watched
+(loggers, progress bars, worker counts, the Hydra section itself) are left out of the fingerprint.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from stllava_med.utils.io import atomic_write_text, stable_hash
+
+log = logging.getLogger(__name__)
+
+# Keys that never change a stage's result. Stage configs add their own under ``run_dir_ignore``.
+DEFAULT_IGNORE = (
+    "out_dir",
+    "hydra",
+    "logger",
+    "run_dir_ignore",
+    "num_workers",
+    "data.num_workers",
+    "trainer.enable_progress_bar",
+    "trainer.log_every_n_steps",
+    "progress",
+    "print_table",
+)
+
+# Environment variables whose *values* must never reach a saved config or a log line.
+SECRET_KEY_PATTERN = re.compile(r"(api_key|token|secret|password)$", re.IGNORECASE)
+
+
+def project_root() -> Path:
+    """The repository root when running from a checkout (editable install), else the working directory.
+
+    Config paths such as ``data/backbones/tiny`` are anchored here so that a command launched from a
+    sub-directory, or by a SLURM job whose working directory differs, still finds the same cache."""
+    env = os.environ.get("STLLAVA_ROOT")
+    if env:
+        return Path(env).resolve()
+    here = Path(__file__).resolve()
+    for parent in here.parents:
+        if (parent / "pyproject.toml").is_file() and (parent / "conf").is_dir():
+            return parent
+    return Path.cwd().resolve()
+
+
+def register_resolvers() -> None:
+    """Idempotently register the resolvers our YAML files use."""
+    if not OmegaConf.has_resolver("project_root"):
+        OmegaConf.register_new_resolver("project_root", lambda: str(project_root()))
+
+
+register_resolvers()
+
+
+def _drop_key(container: dict, dotted: str) -> None:
+    parts = dotted.split(".")
+    node: Any = container
+    for part in parts[:-1]:
+        if not isinstance(node, dict) or part not in node:
+            return
+        node = node[part]
+    if isinstance(node, dict):
+        node.pop(parts[-1], None)
+
+
+def config_fingerprint(cfg: DictConfig | dict, ignore: tuple[str, ...] | list[str] = ()) -> str:
+    """A short hash of the resolved config minus the ignored keys (dotted paths)."""
+    if isinstance(cfg, DictConfig):
+        container = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
+        extra = list(cfg.get("run_dir_ignore") or [])
+    else:
+        container = dict(cfg)
+        extra = list(container.get("run_dir_ignore") or [])
+    assert isinstance(container, dict)
+    container.pop("hydra", None)
+    for key in (*DEFAULT_IGNORE, *ignore, *extra):
+        _drop_key(container, key)
+    return stable_hash(container, n=10)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.=-]+", "-", text).strip("-")[:80] or "run"
+
+
+def resolve_out_dir(cfg: DictConfig, stage: str) -> Path:
+    """``cfg.out_dir`` if given, else ``logs/runs/<stage>/<run_name>-<fingerprint>`` under the project root."""
+    if cfg.get("out_dir"):
+        return Path(str(cfg.out_dir)).expanduser().resolve()
+    name = _slug(str(cfg.get("run_name") or stage))
+    return project_root() / "logs" / "runs" / stage / f"{name}-{config_fingerprint(cfg)}"
+
+
+def redact(obj: Any) -> Any:
+    """Replace the values of secret-looking keys, recursively; used before anything is saved."""
+    if isinstance(obj, dict):
+        return {k: ("<redacted>" if SECRET_KEY_PATTERN.search(str(k)) and v else redact(v)) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [redact(v) for v in obj]
+    return obj
+
+
+def save_config(cfg: DictConfig, out_dir: Path, name: str = "config.yaml") -> Path:
+    """Write the resolved config (secrets redacted, Hydra section dropped) into the run directory."""
+    container = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
+    assert isinstance(container, dict)
+    container.pop("hydra", None)
+    return atomic_write_text(out_dir / name, OmegaConf.to_yaml(OmegaConf.create(redact(container))))
+
+
+def hydra_output_dir() -> Path | None:
+    """The Hydra job's own output directory (per multirun job), or None outside Hydra."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return Path(HydraConfig.get().runtime.output_dir)
+    except Exception:  # not running under @hydra.main
+        return None
+
+
+def setup_torch_threads(num_threads: int | None) -> None:
+    """Cap intra-op threads (CPU runs): oversubscription makes tiny-model runs several times slower."""
+    if num_threads:
+        import torch
+
+        torch.set_num_threads(int(num_threads))
