@@ -117,7 +117,7 @@ def predict(backbone: Backbone, records: Sequence[VQARecord], fmt: ChatFormat, p
                 continue
             prompts = [prompt_text(backbone.processor, vqa_turns(r.question), "assistant", fmt) for r in batch_records]
             texts = generate_batch(backbone, prompts, images, max_new_tokens=max_new_tokens)
-            for record, prompt, text in zip(batch_records, prompts, texts):
+            for record, text in zip(batch_records, texts):
                 row = {"question_id": record.id, "prompt": record.question, "text": text,
                        "answer_type": record.answer_type, "answer": record.answer, "image": record.image}
                 writer.write(row)

@@ -1,0 +1,191 @@
+"""Training plumbing shared by the SFT and DPO stages: optimizer groups, schedule, trainer, checkpoints.
+
+Kept free of stage logic: LightningModules call :func:`param_groups` / :func:`cosine_with_warmup` from
+``configure_optimizers``; entry points call :func:`build_trainer` and :func:`resume_checkpoint`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from torch import nn
+
+from stllava_med.backbone import is_lora_parameter, is_projector_parameter, unpack_bnb_cpu_weights
+
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Optimisation
+# --------------------------------------------------------------------------------------------------------------
+
+
+def param_groups(model: nn.Module, *, lr: float, projector_lr: float | None = None, weight_decay: float = 0.0,
+                 projector_modules: Sequence[str] = ("multi_modal_projector",)) -> list[dict[str, Any]]:
+    """Trainable parameters in up to four groups: LoRA / other with and without weight decay, and the
+    projector at its own learning rate (the paper: LoRA 2e-4 or 5e-6, projector 2e-5).
+
+    Biases and norm weights get no weight decay (the usual convention)."""
+    groups: dict[str, dict[str, Any]] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        is_proj = is_projector_parameter(name, tuple(projector_modules))
+        no_decay = param.ndim < 2 or "norm" in name.lower() or name.endswith(".bias")
+        key = ("projector" if is_proj else "lora" if is_lora_parameter(name) else "other") + ("_nd" if no_decay else "")
+        if key not in groups:
+            group_lr = projector_lr if (is_proj and projector_lr is not None) else lr
+            groups[key] = {"params": [], "lr": group_lr, "weight_decay": 0.0 if no_decay else weight_decay,
+                           "name": key}
+        groups[key]["params"].append(param)
+    if not groups:
+        raise ValueError("the model has no trainable parameter (is LoRA enabled?)")
+    return list(groups.values())
+
+
+def cosine_with_warmup(optimizer: torch.optim.Optimizer, total_steps: int, warmup_ratio: float = 0.03,
+                       min_lr_ratio: float = 0.0) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup over ``warmup_ratio * total_steps`` optimizer steps, then cosine decay to
+    ``min_lr_ratio`` (HF's ``get_cosine_schedule_with_warmup`` shape, per parameter group)."""
+    total_steps = max(1, int(total_steps))
+    warmup = int(math.ceil(warmup_ratio * total_steps))
+
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def configure_adamw(module: LightningModule, model: nn.Module, settings: Mapping[str, Any],
+                    projector_modules: Sequence[str] = ("multi_modal_projector",)) -> dict[str, Any]:
+    """AdamW over :func:`param_groups` plus a per-step cosine schedule sized from the trainer's plan."""
+    groups = param_groups(model, lr=float(settings["lr"]), projector_lr=settings.get("projector_lr"),
+                          weight_decay=float(settings.get("weight_decay", 0.0)), projector_modules=projector_modules)
+    betas = tuple(settings.get("betas", (0.9, 0.999)))
+    optimizer = torch.optim.AdamW(groups, betas=betas, eps=float(settings.get("eps", 1e-8)))
+    total = int(module.trainer.estimated_stepping_batches) if module._trainer is not None else 1
+    if total <= 0 or total == math.inf:
+        total = 1
+    scheduler = cosine_with_warmup(optimizer, total, float(settings.get("warmup_ratio", 0.03)),
+                                   float(settings.get("min_lr_ratio", 0.0)))
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Checkpoints that hold only what trains
+# --------------------------------------------------------------------------------------------------------------
+
+
+def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+class TrainableOnlyCheckpoints:
+    """Mixin for LightningModules over a big frozen base: checkpoints hold the trainable tensors only
+    (LoRA, projector), so a 7B run writes megabytes, not 14 GB, every few hundred steps. The base weights
+    come from ``name_or_path`` when the run resumes."""
+
+    strict_loading = False
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        trainable = {n for n, p in self.named_parameters() if p.requires_grad}  # type: ignore[attr-defined]
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        trainable = {n for n, p in self.named_parameters() if p.requires_grad}  # type: ignore[attr-defined]
+        missing = trainable - set(checkpoint["state_dict"])
+        if missing:
+            raise RuntimeError(f"checkpoint lacks {len(missing)} trainable tensors, e.g. {sorted(missing)[:3]}")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Callbacks
+# --------------------------------------------------------------------------------------------------------------
+
+
+class BnbCpuGuard(Callback):
+    """Restores bitsandbytes' training layout before every training step (see
+    :func:`stllava_med.backbone.unpack_bnb_cpu_weights`): without it, a validation pass or a ``generate`` call
+    on CPU makes QLoRA silently stop learning."""
+
+    def __init__(self) -> None:
+        self.restored = 0
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        count = unpack_bnb_cpu_weights(pl_module)
+        if count:
+            self.restored += count
+            log.debug("restored the training layout of %d 4-bit layers", count)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Trainer
+# --------------------------------------------------------------------------------------------------------------
+
+
+def resume_checkpoint(out_dir: Path) -> str | None:
+    """``<out_dir>/checkpoints/last.ckpt`` if a previous run of this config left one."""
+    last = Path(out_dir) / "checkpoints" / "last.ckpt"
+    return str(last) if last.is_file() else None
+
+
+def _under_slurm() -> bool:
+    return "SLURM_JOB_ID" in os.environ and os.environ.get("SLURM_JOB_NAME") not in ("bash", "interactive")
+
+
+def build_loggers(logger_cfg: Mapping[str, Any] | None, out_dir: Path) -> list[Any]:
+    """Instantiate every entry of the ``logger`` group (``logger=[csv,tensorboard]``) into ``out_dir``."""
+    from hydra.utils import instantiate
+
+    loggers = []
+    for name, entry in dict(logger_cfg or {}).items():
+        if entry is None or "_target_" not in entry:
+            continue
+        loggers.append(instantiate(entry, save_dir=str(out_dir / "logs")))
+        log.debug("logger %s enabled", name)
+    return loggers
+
+
+def build_trainer(trainer_cfg: Mapping[str, Any], out_dir: Path, *, logger_cfg: Mapping[str, Any] | None = None,
+                  callbacks: Iterable[Callback] = (), checkpoint_every_n_steps: int | None = None,
+                  slurm_auto_requeue: bool = False) -> Trainer:
+    """A Lightning Trainer whose checkpoints live in ``<out_dir>/checkpoints`` (``last.ckpt`` for resume).
+
+    Requeueing has one owner: under submitit (our Hydra launcher) Lightning's SLURM plugin must not requeue
+    too, so ``slurm_auto_requeue`` is off by default; ``scripts/slurm/*.sbatch`` turns it on for plain sbatch."""
+    from hydra.utils import instantiate
+    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+
+    checkpoint = ModelCheckpoint(
+        dirpath=out_dir / "checkpoints",
+        filename="step{step:07d}",
+        auto_insert_metric_name=False,
+        save_last=True,
+        save_top_k=0,
+        every_n_train_steps=checkpoint_every_n_steps,
+        save_on_train_epoch_end=True,
+        enable_version_counter=False,
+    )
+    all_callbacks: list[Callback] = [checkpoint, *callbacks]
+    loggers = build_loggers(logger_cfg, out_dir)
+    if loggers:
+        all_callbacks.append(LearningRateMonitor(logging_interval="step"))
+    kwargs: dict[str, Any] = {"default_root_dir": str(out_dir), "callbacks": all_callbacks,
+                              "logger": loggers if loggers else False}
+    if _under_slurm():
+        from lightning.pytorch.plugins.environments import SLURMEnvironment
+
+        kwargs["plugins"] = [SLURMEnvironment(auto_requeue=slurm_auto_requeue)]
+    cfg = dict(trainer_cfg)
+    cfg.setdefault("_target_", "lightning.pytorch.Trainer")
+    return instantiate(cfg, **kwargs)
