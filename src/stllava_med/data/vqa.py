@@ -159,8 +159,11 @@ def _list_of_records(data: Any, path: Path) -> list[Any]:
 
 def _finish(records: list[VQARecord], report: LoadReport, on_missing_image: str) -> list[VQARecord]:
     """Check images exist; error or count-and-skip as configured."""
-    if on_missing_image not in ("error", "skip"):
-        raise ValueError(f"on_missing_image must be 'error' or 'skip', not {on_missing_image!r}")
+    if on_missing_image not in ("error", "skip", "ignore"):
+        raise ValueError(f"on_missing_image must be 'error', 'skip' or 'ignore', not {on_missing_image!r}")
+    if on_missing_image == "ignore":  # scoring needs answers only, not pixels
+        report.kept = len(records)
+        return records
     kept: list[VQARecord] = []
     for record in records:
         if not Path(record.image).is_file():
@@ -419,6 +422,53 @@ def dataset_specs(data_cfg: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     if not specs:
         raise ValueError("no dataset selected: choose one with data=<name> (see conf/data/)")
     return specs
+
+
+def sniff_format(path: str | Path) -> str:
+    """Guess a ground-truth file's format from its first record (for the scorer)."""
+    path = Path(path)
+    if path.name == "VQA_RAD Dataset Public.json":
+        return "vqa_rad_public"
+    if path.suffix == ".jsonl":
+        first = next(iter(read_jsonl(path)), None)
+        return "llava_med" if isinstance(first, dict) and "conversations" in first else "native"
+    data = load_json(path)
+    if not isinstance(data, list) or not data:
+        raise ValueError(f"{path}: expected a non-empty JSON list of records")
+    first = data[0]
+    if not isinstance(first, dict):
+        raise ValueError(f"{path}: record 0 is not a JSON object")
+    if "conversations" in first:
+        return "llava_med"
+    if "image_name" in first and "qid" in first:
+        return "vqa_rad"
+    if "img_name" in first and "q_lang" in first:
+        return "slake"
+    raise ValueError(f"{path}: unrecognised ground-truth format (fields of record 0: {sorted(first)})")
+
+
+def load_ground_truth(path: str | Path, *, language: str | None = "en") -> list[VQARecord]:
+    """Records of a ground-truth file in any supported format, without touching images."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"ground truth file not found: {path}")
+    fmt = sniff_format(path)
+    if fmt == "llava_med":
+        return load_llava_med(path, path.parent, on_missing_image="ignore")[0]
+    if fmt == "native":
+        return load_native(path, on_missing_image="ignore")[0]
+    if fmt == "vqa_rad_public":
+        return load_vqa_rad_public(path.parent, "test", on_missing_image="ignore")[0]
+    if fmt == "vqa_rad":
+        split = "train" if path.name == "trainset.json" else "test"
+        names = {"train": "trainset.json", "test": "testset.json"}
+        if path.name != names[split]:
+            raise ValueError(f"{path}: VQA-RAD files must be named trainset.json or testset.json")
+        return load_vqa_rad(path.parent, split, on_missing_image="ignore")[0]
+    split = {"train.json": "train", "validate.json": "validate", "test.json": "test"}.get(path.name)
+    if split is None:
+        raise ValueError(f"{path}: SLAKE files must be named train.json, validate.json or test.json")
+    return load_slake(path.parent, split, language=language, on_missing_image="ignore")[0]
 
 
 def write_llava_med_eval(records: Iterable[VQARecord], path: str | Path, image_root: str | Path) -> Path:
