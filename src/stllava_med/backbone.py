@@ -208,10 +208,27 @@ def build_tiny_backbone(path: str | os.PathLike, spec: TinySpec) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path)
     processor.save_pretrained(path)
-    spec_dict = {k: v for k, v in spec.__dict__.items() if k != "corpus"}
-    spec_dict["corpus"] = [Path(c).name for c in spec.corpus]
-    (path / "tiny_spec.json").write_text(json.dumps(spec_dict, indent=2) + "\n")
+    (path / "tiny_spec.json").write_text(json.dumps(_spec_record(spec), indent=2) + "\n")
     return path
+
+
+def _spec_record(spec: TinySpec) -> dict[str, Any]:
+    """The build recipe, with the tokenizer corpus identified by content (not path), for cache validation."""
+    from stllava_med.utils.io import sha256_file
+
+    record: dict[str, Any] = {k: v for k, v in spec.__dict__.items() if k != "corpus"}
+    record["corpus_sha256"] = [sha256_file(c) for c in spec.corpus]
+    return record
+
+
+def _cache_is_current(path: Path, spec: TinySpec) -> bool:
+    recipe = path / "tiny_spec.json"
+    if not (path / "config.json").is_file() or not recipe.is_file():
+        return False
+    try:
+        return json.loads(recipe.read_text()) == _spec_record(spec)
+    except (json.JSONDecodeError, OSError):
+        return False
 
 
 @contextlib.contextmanager
@@ -226,16 +243,19 @@ def _file_lock(lock_path: Path) -> Iterator[None]:
 
 
 def ensure_tiny_backbone(path: str | os.PathLike, spec: TinySpec) -> Path:
-    """Return ``path``, building the tiny backbone there first if it is absent.
+    """Return ``path``, building the tiny backbone there first if it is absent or stale.
 
+    The cache records its recipe (shape, seed, SHA-256 of the tokenizer corpus); a different recipe rebuilds.
     Safe under concurrent sweep jobs: a file lock serialises builders and the directory appears atomically
     (built in a temporary sibling, then renamed)."""
     path = Path(path)
-    if (path / "config.json").is_file():
+    if _cache_is_current(path, spec):
         return path
     with _file_lock(path.parent / f".{path.name}.lock"):
-        if (path / "config.json").is_file():
+        if _cache_is_current(path, spec):
             return path
+        if path.exists():
+            log.warning("the tiny backbone at %s was built from another recipe or corpus; rebuilding", path)
         log.info("building the tiny backbone at %s (seed %d)", path, spec.seed)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
         try:
@@ -276,6 +296,11 @@ def parse_dtype(value: str | torch.dtype | None) -> torch.dtype | str | None:
         raise ValueError(f"unknown dtype {value!r}; use one of {sorted(_DTYPES)} or 'auto'") from None
 
 
+# Kept in full precision under QLoRA, as in LLaVA QLoRA recipes: vision tower, projector, output layer.
+# transformers matches these from the start of the module name (or as a suffix), hence the ".*" prefixes.
+_QUANT_SKIP = [".*vision_tower", ".*multi_modal_projector", ".*visual", ".*vision_model", ".*connector", "lm_head"]
+
+
 def quantization_config(quantization: str | None, compute_dtype: str | None = "bfloat16", quant_type: str = "nf4",
                         double_quant: bool = True) -> Any:
     """bitsandbytes config for ``4bit`` / ``8bit`` (QLoRA), or None."""
@@ -290,13 +315,12 @@ def quantization_config(quantization: str | None, compute_dtype: str | None = "b
             bnb_4bit_quant_type="fp4" if q == "fp4" else quant_type,
             bnb_4bit_compute_dtype=parse_dtype(compute_dtype) or torch.float32,
             bnb_4bit_use_double_quant=double_quant,
-            # the vision tower and projector stay in full precision, as in QLoRA recipes for LLaVA
-            llm_int8_skip_modules=["vision_tower", "multi_modal_projector", "visual", "lm_head"],
+            llm_int8_skip_modules=_QUANT_SKIP,
         )
     if q in ("8bit", "8", "int8"):
         return BitsAndBytesConfig(
             load_in_8bit=True,
-            llm_int8_skip_modules=["vision_tower", "multi_modal_projector", "visual", "lm_head"],
+            llm_int8_skip_modules=_QUANT_SKIP,
         )
     raise ValueError(f"unknown quantization {quantization!r}; use null, '4bit' or '8bit'")
 

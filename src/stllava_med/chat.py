@@ -111,12 +111,10 @@ def prompt_text(processor: Any, turns: Sequence[Turn], next_role: Role, fmt: Cha
     are left to the target, so word-initial tokens such as ``▁It`` are the same in both)."""
     if next_role not in TARGET_ROLES:
         raise ValueError(f"the model speaks as assistant or questioner, not {next_role!r}")
-    messages = to_messages([*turns, Turn(next_role, _SENTINEL)], fmt, image=image)
-    rendered = _render(processor, messages)
-    cut = rendered.find(_SENTINEL)
-    if cut < 0:
-        raise TemplateError(f"the chat template dropped the content of a {next_role!r} turn")
-    return rendered[:cut].rstrip(" ")
+    # Rendered by the training renderer itself, so end-of-turn markers it adds to earlier model turns (for
+    # templates without one) are in the prompt too.
+    text, spans = render_with_spans(processor, [*turns, Turn(next_role, _SENTINEL)], fmt, image=image)
+    return text[: spans[-1].start]
 
 
 @dataclass(frozen=True)
