@@ -424,7 +424,14 @@ def apply_lora(model: nn.Module, settings: LoraSettings, *, gradient_checkpointi
         modules_to_save=list(settings.projector_modules) if settings.train_projector else None,
         bias="none",
     )
-    peft_model = get_peft_model(model, config)
+    hint = (f"LoRA target regex {settings.target_regex()!r} matched no module; set backbone.lora.target_modules "
+            "for this model family")
+    try:
+        peft_model = get_peft_model(model, config)
+    except ValueError as err:
+        if "No modules were targeted" in str(err):
+            raise ValueError(hint) from err
+        raise
     matched = sum(1 for n, _ in peft_model.named_modules() if n.endswith("lora_A"))
     if matched == 0:
         raise ValueError(
