@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 from collections import Counter
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -119,7 +120,7 @@ def test_pathvqa_parquet(tmp_path, sample_dir):
     records, _ = load_vqa_rad(sample_dir, "test")
     rows = records[:5]
     table = pa.table({
-        "image": [{"bytes": open(r.image, "rb").read(), "path": None} for r in rows],
+        "image": [{"bytes": Path(r.image).read_bytes(), "path": None} for r in rows],
         "question": [r.question for r in rows],
         "answer": ["yes", "no", "adenocarcinoma", "Yes", "the liver"],
     })
