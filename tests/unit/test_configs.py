@@ -81,3 +81,20 @@ def test_secrets_are_redacted_in_saved_configs(tmp_path):
     cfg = OmegaConf.create({"expert": {"api_key": "sk-secret-123", "api_key_env": "OPENAI_API_KEY"}})
     text = save_config(cfg, tmp_path).read_text()
     assert "sk-secret-123" not in text and "api_key_env: OPENAI_API_KEY" in text
+
+
+@pytest.mark.parametrize("launcher", ["basic", "submitit_local", "submitit_slurm"])
+def test_launchers_compose(launcher):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = hydra_compose("evaluate", overrides=[f"hydra/launcher={launcher}"], return_hydra_config=True)
+    launcher_cfg = cfg.hydra.launcher
+    assert launcher_cfg._target_.endswith({"basic": "BasicLauncher", "submitit_local": "LocalLauncher",
+                                           "submitit_slurm": "SlurmLauncher"}[launcher])
+    if launcher == "submitit_slurm":
+        for field in ("partition", "account", "qos", "nodes", "gpus_per_node", "tasks_per_node", "cpus_per_task",
+                      "mem_gb", "timeout_min", "setup", "array_parallelism"):
+            assert field in launcher_cfg
+        assert launcher_cfg.max_num_timeout > 0  # preempted jobs are resubmitted
