@@ -33,6 +33,10 @@ log = logging.getLogger(__name__)
 ON_TOO_LONG = ("drop_turns", "error")
 
 
+class ConversationTooLong(ValueError):
+    """A conversation does not fit ``data.max_length`` (even with one pair when dropping turns)."""
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Selection: validation hold-out and nested fractions
 # --------------------------------------------------------------------------------------------------------------
@@ -120,8 +124,9 @@ class SFTDataset(Dataset):
             except SequenceTooLong as err:
                 if self.on_too_long == "error" or keep == 1:
                     hint = "" if keep == 1 else " (data.on_too_long=drop_turns drops trailing question/answer pairs)"
-                    raise SequenceTooLong(err.length, err.max_length) from ValueError(
-                        f"conversation {record.uid}: {err}{hint}; raise data.max_length")
+                    raise ConversationTooLong(
+                        f"conversation {record.uid} ({record.image}): {err} with {keep} question/answer "
+                        f"pair(s){hint}; raise data.max_length") from err
                 keep -= 1
         if keep < record.n_pairs:
             log.debug("%s: dropped %d trailing pairs to fit max_length=%s", record.uid, record.n_pairs - keep,
