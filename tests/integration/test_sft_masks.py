@@ -18,6 +18,16 @@ from stllava_med.data.vqa import load_image, load_vqa_rad
 
 pytestmark = pytest.mark.integration
 
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from a second thread, and on a shared 2-core runner OpenMP threads
+    spinning against other work made these runs several times slower; restored afterwards."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
 # llava-hf/llava-1.5-7b-hf's chat template, verbatim.
 LLAVA15_TEMPLATE = (
     "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}{% endif %}"

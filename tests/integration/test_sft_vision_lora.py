@@ -16,6 +16,16 @@ from stllava_med.sft.module import SFTModule, SFTOptimSettings
 pytestmark = pytest.mark.integration
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from a second thread, and on a shared 2-core runner OpenMP threads
+    spinning against other work made these runs several times slower; restored afterwards."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def _batch(processor, sample_dir, n: int = 2):
     records, _ = load_vqa_rad(sample_dir, "train")
     conversations = vqa_to_conversations(records, dataset="sample", grouping="image", max_qa_per_conversation=3)
