@@ -135,7 +135,7 @@ def run_train_sft(cfg: DictConfig, *, callbacks: Sequence[Any] = ()) -> dict[str
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if not k.endswith("_step")}
     summary: dict[str, Any] = {
         "status": "complete", "stage": STAGE, "out_dir": str(out_dir), "backbone": backbone.name_or_path,
-        "global_step": int(trainer.global_step), "epochs": int(trainer.current_epoch),
+        "global_step": int(trainer.global_step), "epoch": int(trainer.current_epoch),
         "resumed_from": ckpt_path, "train_conversations": len(train), "val_conversations": len(val),
         "sq_ratio": settings.sq_ratio, "fraction": data.get("fraction", 1.0), "fit_seconds": round(seconds, 2),
         "metrics": metrics, "adapter_dir": None, "merged_dir": None,
