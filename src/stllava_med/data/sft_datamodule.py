@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections.abc import Callable, Iterator, Sequence
@@ -310,8 +311,9 @@ class SFTDataModule(LightningDataModule):
                              "(conf/trainer/ddp.yaml does)")
         return trainer.global_rank, trainer.world_size
 
-    def _collate(self, items: Sequence[dict[str, Any]]) -> dict[str, Any]:
-        return collate_sft(items, self.pad_token_id)
+    def _collate(self) -> Callable[[Sequence[dict[str, Any]]], dict[str, Any]]:
+        # a partial, not a bound method: spawned workers would otherwise pickle the DataModule and its trainer
+        return functools.partial(collate_sft, pad_token_id=self.pad_token_id)
 
     def _progress(self) -> tuple[int, int]:
         trainer = self.trainer
@@ -324,7 +326,7 @@ class SFTDataModule(LightningDataModule):
         self.train_sampler = EpochSampler(len(self.train_set), seed=self.settings.seed, shuffle=self.settings.shuffle,
                                           rank=rank, world_size=world)
         loader = ResumableDataLoader(self.train_set, batch_size=self.settings.batch_size, sampler=self.train_sampler,
-                                     collate_fn=self._collate, num_workers=self.settings.num_workers,
+                                     collate_fn=self._collate(), num_workers=self.settings.num_workers,
                                      pin_memory=self.settings.pin_memory,
                                      persistent_workers=False)  # workers must see each epoch's sampler state
         if self.trainer is not None:
@@ -338,5 +340,5 @@ class SFTDataModule(LightningDataModule):
         rank, world = self._rank()
         sampler = EpochSampler(len(self.val_set), seed=0, shuffle=False, rank=rank, world_size=world)
         return DataLoader(self.val_set, batch_size=self.settings.eval_batch_size or self.settings.batch_size,
-                          sampler=sampler, collate_fn=self._collate, num_workers=self.settings.num_workers,
+                          sampler=sampler, collate_fn=self._collate(), num_workers=self.settings.num_workers,
                           pin_memory=self.settings.pin_memory)
