@@ -243,3 +243,13 @@ def test_epoch_sampler_shuffles_per_epoch_shards_and_resumes():
     sampler.resume(1, 4)
     sampler.set_epoch(2)  # a new epoch clears it
     assert len(list(sampler)) == 10
+
+
+def test_full_vqa_rad_train_as_conversations(medvqa_dir):
+    spec = {"format": "vqa_rad", "root": str(medvqa_dir / "vqa_rad"), "split": "train"}
+    conversations, report = load_conversations("vqa_rad_train", spec)
+    assert report.kept == 3064 == sum(c.n_pairs for c in conversations)
+    images = {c.image for c in conversations}
+    assert len(conversations) >= len(images) and all(c.n_pairs <= 10 for c in conversations)
+    # most conversations have a second human turn, i.e. something to learn to ask
+    assert sum(c.n_pairs > 1 for c in conversations) > 0.8 * len(conversations)
