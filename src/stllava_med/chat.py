@@ -111,9 +111,12 @@ def prompt_text(processor: Any, turns: Sequence[Turn], next_role: Role, fmt: Cha
     are left to the target, so word-initial tokens such as ``▁It`` are the same in both)."""
     if next_role not in TARGET_ROLES:
         raise ValueError(f"the model speaks as assistant or questioner, not {next_role!r}")
-    # Rendered by the training renderer itself, so end-of-turn markers it adds to earlier model turns (for
-    # templates without one) are in the prompt too.
+    # Rendered by the training renderer itself: when a template has no end-of-turn marker (llava-hf's
+    # LLaVA-1.5), training appends EOS after every model turn, so a multi-turn history (describe, then ask)
+    # must carry those EOS tokens here too, or generation would see a context it was never trained on.
     text, spans = render_with_spans(processor, [*turns, Turn(next_role, _SENTINEL)], fmt, image=image)
+    if not spans or text.find(_SENTINEL) < 0:
+        raise TemplateError(f"the chat template dropped the content of a {next_role!r} turn")
     return text[: spans[-1].start]
 
 
@@ -151,7 +154,7 @@ def render_with_spans(processor: Any, turns: Sequence[Turn], fmt: ChatFormat, *,
         probe = _render(processor, [*messages[: offset + index], {**messages[offset + index],
                                                                    "content": _sentinel_content(messages[offset + index])}])
         header_end = probe.find(_SENTINEL)
-        if header_end < 0 or not turn.text or not segment.startswith(turn.text, header_end - len(current) + len(segment)):
+        if header_end < 0 or not segment.startswith(turn.text, header_end - len(current) + len(segment)):
             raise TemplateError(f"turn {index} ({turn.role}): the chat template altered or dropped its content")
         header = segment[: header_end - (len(current) - len(segment))]
         stripped = header.rstrip(" ")

@@ -1,0 +1,344 @@
+"""Stage-1 data: conversations → self-questioning renderings → padded batches with exact target masks.
+
+* :func:`split_and_select` holds out a deterministic validation set and applies ``data.fraction`` with the
+  nested subsets of :mod:`stllava_med.data.fraction` (keyed on ``<dataset>/<conversation id>``).
+* :class:`SFTDataset` renders one conversation per item; which human turns become questioner turns is drawn
+  per example and per epoch by :func:`stllava_med.sft.questioning.questioner_draws`.
+* :class:`EpochSampler` shuffles with (seed, epoch), shards by rank itself, and together with
+  :class:`ResumableDataLoader` lets Lightning resume *inside* an epoch on exactly the batches that were not
+  yet trained on (the loader reports the trainer's progress, not its own prefetch position).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from stllava_med.chat import IGNORE_INDEX, ChatFormat, SequenceTooLong, encode, pad_sequences
+from stllava_med.data.fraction import fraction_score, in_fraction, write_selected_ids
+from stllava_med.data.instruct import InstructRecord
+from stllava_med.data.vqa import load_image
+from stllava_med.sft.questioning import questioner_draws
+
+log = logging.getLogger(__name__)
+
+ON_TOO_LONG = ("drop_turns", "error")
+
+
+class ConversationTooLong(ValueError):
+    """A conversation does not fit ``data.max_length`` (even with one pair when dropping turns)."""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Selection: validation hold-out and nested fractions
+# --------------------------------------------------------------------------------------------------------------
+
+
+def split_and_select(records: Sequence[InstructRecord], *, fraction: float = 1.0, fraction_seed: int = 0,
+                     val_fraction: float = 0.0, val_seed: int = 0) -> tuple[list[InstructRecord], list[InstructRecord]]:
+    """(train, val). Validation conversations are held out first, by a score independent of the fraction's,
+    so every fraction of a sweep is validated on the same conversations and never trains on them; the
+    fraction then keeps the training conversations whose score lies below it (9% ⊂ 25% ⊂ 50% ⊂ 100%)."""
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
+    val = [r for r in records if val_fraction > 0 and fraction_score(f"val\x00{r.uid}", val_seed) < val_fraction]
+    held_out = {r.uid for r in val}
+    train = [r for r in records if r.uid not in held_out and in_fraction(r.uid, fraction, fraction_seed)]
+    if not train:
+        raise ValueError(f"no training conversation left (data.fraction={fraction}, data.val_fraction={val_fraction}, "
+                         f"{len(records)} conversations loaded)")
+    return train, val
+
+
+def write_selection(out_dir: Path, train: Sequence[InstructRecord], val: Sequence[InstructRecord]) -> dict[str, str]:
+    """``selected_ids.txt`` (training conversations, one uid a line) and ``val_ids.txt`` in the run dir."""
+    return {"train_ids": str(write_selected_ids(out_dir / "selected_ids.txt", [r.uid for r in train])),
+            "val_ids": str(write_selected_ids(out_dir / "val_ids.txt", [r.uid for r in val]))}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Dataset
+# --------------------------------------------------------------------------------------------------------------
+
+
+class SFTDataset(Dataset):
+    """One rendered, tokenised conversation per item. Items are addressed by ``(index, epoch)`` (what
+    :class:`EpochSampler` yields) so the self-questioning draw never depends on worker-local state; a plain
+    integer index uses ``fixed_epoch`` (validation) or epoch 0."""
+
+    def __init__(self, records: Sequence[InstructRecord], processor: Any, fmt: ChatFormat, *, sq_ratio: float,
+                 seed: int, max_length: int | None, on_too_long: str = "drop_turns", cache_images: bool = False,
+                 fixed_epoch: int | None = None) -> None:
+        if on_too_long not in ON_TOO_LONG:
+            raise ValueError(f"data.on_too_long must be one of {ON_TOO_LONG}, not {on_too_long!r}")
+        if not 0.0 <= sq_ratio <= 1.0:
+            raise ValueError(f"sft.sq_ratio must be in [0, 1], got {sq_ratio}")
+        self.records = list(records)
+        self.processor = processor
+        self.fmt = fmt
+        self.sq_ratio = float(sq_ratio)
+        self.seed = int(seed)
+        self.max_length = max_length
+        self.on_too_long = on_too_long
+        self.cache_images = cache_images
+        self.fixed_epoch = fixed_epoch
+        self._images: dict[str, Any] = {}
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def questioner_draws(self, index: int, epoch: int) -> list[bool]:
+        record = self.records[index]
+        return questioner_draws(record.uid, record.n_pairs, self.sq_ratio, seed=self.seed, epoch=epoch)
+
+    def _image(self, record: InstructRecord) -> Any:
+        image = self._images.get(record.image)
+        if image is None:
+            image = load_image(record.image, record_id=record.uid)
+            if self.cache_images:
+                self._images[record.image] = image
+        return image
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        if isinstance(key, tuple):
+            index, epoch = key
+        else:
+            index, epoch = key, (self.fixed_epoch or 0)
+        record = self.records[index]
+        draws = self.questioner_draws(index, epoch)
+        image = self._image(record)
+        keep = record.n_pairs
+        while True:
+            turns = record.truncated(keep).turns(draws)
+            try:
+                encoded = encode(self.processor, turns, self.fmt, image, max_length=self.max_length)
+                break
+            except SequenceTooLong as err:
+                if self.on_too_long == "error" or keep == 1:
+                    hint = "" if keep == 1 else " (data.on_too_long=drop_turns drops trailing question/answer pairs)"
+                    raise ConversationTooLong(
+                        f"conversation {record.uid} ({record.image}): {err} with {keep} question/answer "
+                        f"pair(s){hint}; raise data.max_length") from err
+                keep -= 1
+        if keep < record.n_pairs:
+            log.debug("%s: dropped %d trailing pairs to fit max_length=%s", record.uid, record.n_pairs - keep,
+                      self.max_length)
+        return {
+            "uid": record.uid,
+            "input_ids": encoded.input_ids,
+            "labels": encoded.labels,
+            "target_role": encoded.target_role,
+            "pixel_values": encoded.pixel_values,
+            "extra": encoded.extra,
+            "questioner_turns": sum(draws[:keep]),
+            "dropped_pairs": record.n_pairs - keep,
+        }
+
+
+def collate_sft(items: Sequence[dict[str, Any]], pad_token_id: int) -> dict[str, Any]:
+    """Right-pad token tensors; concatenate pixel values along the image axis (one image per conversation)."""
+    input_ids = pad_sequences([i["input_ids"] for i in items], pad_token_id)
+    attention_mask = pad_sequences([torch.ones_like(i["input_ids"]) for i in items], 0)
+    batch: dict[str, Any] = {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "labels": pad_sequences([i["labels"] for i in items], IGNORE_INDEX),
+        "target_role": pad_sequences([i["target_role"] for i in items], 0),
+        "uids": [i["uid"] for i in items],
+        "questioner_turns": torch.tensor(sum(i["questioner_turns"] for i in items)),
+        "dropped_pairs": torch.tensor(sum(i["dropped_pairs"] for i in items)),
+    }
+    pixels = [i["pixel_values"] for i in items if i["pixel_values"] is not None]
+    if pixels:
+        if len(pixels) != len(items):
+            raise ValueError("a batch mixes conversations with and without an image")
+        batch["pixel_values"] = torch.cat(pixels, dim=0)
+    for key in items[0]["extra"]:
+        batch[key] = torch.stack([i["extra"][key] for i in items])
+    return batch
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Sampling and resumable loading
+# --------------------------------------------------------------------------------------------------------------
+
+
+class EpochSampler(Sampler[tuple[int, int]]):
+    """Yields ``(index, epoch)``: a (seed, epoch) permutation, sharded by rank (padded so every rank has the
+    same number of items), starting ``skip`` items in after a mid-epoch resume."""
+
+    def __init__(self, num_items: int, *, seed: int, shuffle: bool = True, rank: int = 0, world_size: int = 1) -> None:
+        if num_items <= 0:
+            raise ValueError("the sampler needs at least one item")
+        self.num_items = num_items
+        self.seed = seed
+        self.shuffle = shuffle
+        self.rank = rank
+        self.world_size = world_size
+        self.epoch = 0
+        self.skip = 0
+
+    def __len__(self) -> int:
+        # the full epoch, also while a skip is pending: Lightning counts a resumed epoch's batches itself
+        return math.ceil(self.num_items / self.world_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        # Lightning calls this at every epoch start, including the resumed one: keep a pending skip then.
+        if epoch != self.epoch:
+            self.epoch = epoch
+            self.skip = 0
+
+    def resume(self, epoch: int, skip: int) -> None:
+        self.epoch, self.skip = epoch, skip
+
+    def order(self, epoch: int) -> list[int]:
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            order = torch.randperm(self.num_items, generator=generator).tolist()
+        else:
+            order = list(range(self.num_items))
+        per_rank = math.ceil(self.num_items / self.world_size)
+        order += order[: per_rank * self.world_size - self.num_items]
+        return order[self.rank::self.world_size]
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        epoch, skip = self.epoch, self.skip
+        self.skip = 0
+        return iter([(index, epoch) for index in self.order(epoch)[skip:]])
+
+
+class ResumableDataLoader(DataLoader):
+    """A DataLoader Lightning can resume mid-epoch (its ``_Stateful`` protocol). The state is the trainer's
+    own progress (epoch, batches trained on in it), not this loader's position, which runs ahead by the
+    batches Lightning and the workers prefetch."""
+
+    progress: Callable[[], tuple[int, int]] | None = None
+
+    def state_dict(self) -> dict[str, int]:
+        if self.progress is None:
+            return {}
+        epoch, batches_done = self.progress()
+        return {"epoch": int(epoch), "batches_done": int(batches_done), "batch_size": int(self.batch_size or 1)}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if not state:
+            return
+        sampler = self.sampler
+        assert isinstance(sampler, EpochSampler)
+        if int(state["batch_size"]) != self.batch_size:
+            raise ValueError(f"cannot resume mid-epoch with data.batch_size={self.batch_size}: the checkpoint was "
+                             f"written with batch size {state['batch_size']}")
+        sampler.skip = 0
+        per_epoch = math.ceil(len(sampler) / int(self.batch_size or 1))
+        epoch, done = int(state["epoch"]), int(state["batches_done"])
+        if done >= per_epoch:
+            sampler.resume(epoch + 1, 0)
+        else:
+            sampler.resume(epoch, done * int(self.batch_size or 1))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# DataModule
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SFTDataSettings:
+    batch_size: int = 8
+    eval_batch_size: int | None = None
+    num_workers: int = 0
+    max_length: int | None = 2048
+    sq_ratio: float = 0.5
+    seed: int = 0
+    shuffle: bool = True
+    on_too_long: str = "drop_turns"
+    cache_images: bool = False
+    pin_memory: bool = False
+
+    @classmethod
+    def from_mapping(cls, values: dict[str, Any]) -> SFTDataSettings:
+        known = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+
+class SFTDataModule(LightningDataModule):
+    """Receives built records and the processor; never reads configs or paths."""
+
+    def __init__(self, train_records: Sequence[InstructRecord], val_records: Sequence[InstructRecord],
+                 processor: Any, fmt: ChatFormat, settings: SFTDataSettings) -> None:
+        super().__init__()
+        if not train_records:
+            raise ValueError("SFTDataModule needs at least one training conversation")
+        self.train_records = list(train_records)
+        self.val_records = list(val_records)
+        self.processor = processor
+        self.fmt = fmt
+        self.settings = settings
+        self.train_set: SFTDataset | None = None
+        self.val_set: SFTDataset | None = None
+        self.train_sampler: EpochSampler | None = None
+        pad = processor.tokenizer.pad_token_id
+        if pad is None:
+            raise ValueError("the tokenizer has no pad token")
+        self.pad_token_id = int(pad)
+
+    def _dataset(self, records: Sequence[InstructRecord], fixed_epoch: int | None) -> SFTDataset:
+        s = self.settings
+        return SFTDataset(records, self.processor, self.fmt, sq_ratio=s.sq_ratio, seed=s.seed, max_length=s.max_length,
+                          on_too_long=s.on_too_long, cache_images=s.cache_images, fixed_epoch=fixed_epoch)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is None:
+            self.train_set = self._dataset(self.train_records, None)
+            # Validation renders with one fixed draw, so its metrics compare across epochs and runs.
+            self.val_set = self._dataset(self.val_records, 0) if self.val_records else None
+
+    def _rank(self) -> tuple[int, int]:
+        trainer = self.trainer
+        if trainer is None or trainer.world_size == 1:
+            return 0, 1
+        if trainer._accelerator_connector.use_distributed_sampler:
+            raise ValueError("stage 1 shards its data by rank itself: set trainer.use_distributed_sampler=false "
+                             "(conf/trainer/ddp.yaml does)")
+        return trainer.global_rank, trainer.world_size
+
+    def _collate(self) -> Callable[[Sequence[dict[str, Any]]], dict[str, Any]]:
+        # a partial, not a bound method: spawned workers would otherwise pickle the DataModule and its trainer
+        return functools.partial(collate_sft, pad_token_id=self.pad_token_id)
+
+    def _progress(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return trainer.current_epoch, trainer.fit_loop.epoch_loop.batch_progress.current.processed
+
+    def train_dataloader(self) -> DataLoader:
+        self.setup()
+        assert self.train_set is not None
+        rank, world = self._rank()
+        self.train_sampler = EpochSampler(len(self.train_set), seed=self.settings.seed, shuffle=self.settings.shuffle,
+                                          rank=rank, world_size=world)
+        loader = ResumableDataLoader(self.train_set, batch_size=self.settings.batch_size, sampler=self.train_sampler,
+                                     collate_fn=self._collate(), num_workers=self.settings.num_workers,
+                                     pin_memory=self.settings.pin_memory,
+                                     persistent_workers=False)  # workers must see each epoch's sampler state
+        if self.trainer is not None:
+            loader.progress = self._progress
+        return loader
+
+    def val_dataloader(self) -> DataLoader | list:
+        self.setup()
+        if self.val_set is None:
+            return []
+        rank, world = self._rank()
+        sampler = EpochSampler(len(self.val_set), seed=0, shuffle=False, rank=rank, world_size=world)
+        return DataLoader(self.val_set, batch_size=self.settings.eval_batch_size or self.settings.batch_size,
+                          sampler=sampler, collate_fn=self._collate(), num_workers=self.settings.num_workers,
+                          pin_memory=self.settings.pin_memory)

@@ -1,0 +1,1 @@
+"""Stage 1: visual self-questioning instruction tuning (see :mod:`stllava_med.sft.module`)."""

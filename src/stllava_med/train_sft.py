@@ -1,0 +1,167 @@
+"""Stage 1: visual self-questioning instruction tuning.
+
+    python -m stllava_med.train_sft                                   # tiny backbone, bundled VQA-RAD sample
+    python -m stllava_med.train_sft 'data=[vqa_rad_train,slake_train]' data.fraction=0.25 seed=1
+    python -m stllava_med.train_sft experiment=stllava_med_paper_stage1 data.llava_med_instruct.path=...
+
+Writes into the run directory: ``selected_ids.txt`` / ``val_ids.txt`` (which conversations trained and
+validated), ``data_report.json``, ``checkpoints/`` (trainable tensors only; ``last.ckpt`` resumes),
+``logs/`` (CSV / TensorBoard), ``adapter/`` (peft LoRA adapter + processor), ``merged/`` (full HF model +
+processor that ``evaluate``, ``generate`` and ``train_dpo`` load by path) and ``metrics.json``. Rerunning the
+same command resumes an interrupted run, or returns the summary of a finished one.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from stllava_med.utils import config as _config  # noqa: F401  (registers resolvers)
+
+log = logging.getLogger("stllava_med.train_sft")
+
+STAGE = "sft"
+
+
+def _plain(node: Any) -> Any:
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+
+
+def _finished_summary(out_dir: Path) -> dict[str, Any] | None:
+    from stllava_med.utils.io import load_json
+
+    path = out_dir / "metrics.json"
+    if not path.is_file():
+        return None
+    summary = load_json(path)
+    if summary.get("status") != "complete":
+        return None
+    merged = summary.get("merged_dir")
+    if merged and not (Path(merged) / "config.json").is_file():
+        return None  # the export went missing: run the (already trained) export again
+    return summary
+
+
+def load_sft_records(data_cfg: Any) -> tuple[list[Any], dict[str, Any]]:
+    """Every selected dataset as conversations, plus the loaders' reports."""
+    from stllava_med.data.instruct import check_unique, load_conversations
+    from stllava_med.data.vqa import dataset_specs
+
+    data = _plain(data_cfg)
+    records: list[Any] = []
+    reports: dict[str, Any] = {}
+    for name, spec in dataset_specs(data).items():
+        conversations, report = load_conversations(
+            name, spec, vqa_grouping=str(data.get("vqa_grouping", "image")),
+            max_qa_per_conversation=data.get("max_qa_per_conversation"))
+        reports[name] = {**report.to_json(), "conversations": len(conversations),
+                         "pairs": sum(c.n_pairs for c in conversations)}
+        log.info("%s: %d conversations, %d question/answer pairs", name, len(conversations),
+                 reports[name]["pairs"])
+        records.extend(conversations)
+    check_unique(records)
+    return records, reports
+
+
+def run_train_sft(cfg: DictConfig, *, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
+    """Train stage 1 from ``cfg`` (composed ``conf/sft.yaml``) and export; returns the run summary.
+
+    ``callbacks`` are extra Lightning callbacks (tests use one to interrupt a run)."""
+    from stllava_med.backbone import export_merged, has_bnb_layers, load_backbone
+    from stllava_med.chat import ChatFormat
+    from stllava_med.data.sft_datamodule import (
+        SFTDataModule,
+        SFTDataSettings,
+        split_and_select,
+        write_selection,
+    )
+    from stllava_med.sft.module import SFTModule, SFTOptimSettings
+    from stllava_med.training import BnbCpuGuard, build_trainer, resume_checkpoint
+    from stllava_med.utils.io import atomic_write_json
+    from stllava_med.utils.runtime import finish_run, start_run
+
+    out_dir = start_run(cfg, STAGE)
+    finished = _finished_summary(out_dir)
+    if finished is not None:
+        log.info("sft: %s already finished; delete metrics.json there to export again", out_dir)
+        finish_run(out_dir, STAGE, finished)
+        return finished
+
+    data = _plain(cfg.data)
+    sft = _plain(cfg.sft)
+    records, reports = load_sft_records(cfg.data)
+    train, val = split_and_select(records, fraction=float(data.get("fraction", 1.0)),
+                                  fraction_seed=int(data.get("fraction_seed", 0)),
+                                  val_fraction=float(data.get("val_fraction", 0.0)), val_seed=int(data.get("fraction_seed", 0)))
+    selection = write_selection(out_dir, train, val)
+    atomic_write_json(out_dir / "data_report.json", {
+        "datasets": reports, "loaded": len(records), "train": len(train), "val": len(val),
+        "fraction": data.get("fraction", 1.0), "train_pairs": sum(r.n_pairs for r in train), **selection})
+    log.info("sft: %d training / %d validation conversations (fraction %s)", len(train), len(val),
+             data.get("fraction", 1.0))
+
+    backbone = load_backbone(_plain(cfg.backbone), with_lora=True,
+                             gradient_checkpointing=bool(sft.get("gradient_checkpointing", False)))
+    fmt = ChatFormat.from_config(_plain(cfg.backbone.get("chat")))
+    settings = SFTDataSettings.from_mapping({**data, "sq_ratio": float(sft.get("sq_ratio", 0.5)),
+                                             "seed": int(cfg.get("seed") or 0)})
+    datamodule = SFTDataModule(train, val, backbone.processor, fmt, settings)
+    module = SFTModule(backbone.model, SFTOptimSettings.from_mapping(sft))
+
+    all_callbacks = list(callbacks)
+    if has_bnb_layers(backbone.model):
+        all_callbacks.append(BnbCpuGuard())
+    trainer_cfg = _plain(cfg.trainer)
+    if not val:
+        trainer_cfg["limit_val_batches"] = 0
+    trainer = build_trainer(trainer_cfg, out_dir, logger_cfg=_plain(cfg.get("logger")), callbacks=all_callbacks,
+                            checkpoint_every_n_steps=sft.get("checkpoint_every_n_steps"),
+                            slurm_auto_requeue=bool(cfg.get("slurm_auto_requeue", False)))
+    ckpt_path = resume_checkpoint(out_dir)
+    if ckpt_path:
+        log.info("sft: resuming from %s", ckpt_path)
+    started = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    if trainer.interrupted:
+        raise RuntimeError(f"sft: training was interrupted; rerun the same command to resume from {out_dir}")
+    seconds = time.perf_counter() - started
+
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if not k.endswith("_step")}
+    summary: dict[str, Any] = {
+        "status": "complete", "stage": STAGE, "out_dir": str(out_dir), "backbone": backbone.name_or_path,
+        "global_step": int(trainer.global_step), "epoch": int(trainer.current_epoch),
+        "resumed_from": ckpt_path, "train_conversations": len(train), "val_conversations": len(val),
+        "sq_ratio": settings.sq_ratio, "fraction": data.get("fraction", 1.0), "fit_seconds": round(seconds, 2),
+        "metrics": metrics, "adapter_dir": None, "merged_dir": None,
+    }
+    if trainer.is_global_zero:
+        module.model.eval()
+        if bool(sft.get("export", True)):
+            adapter_dir = out_dir / "adapter"
+            summary["adapter_dir"] = str(adapter_dir)
+            try:
+                summary["merged_dir"] = str(export_merged(module.model, backbone.processor, out_dir / "merged",
+                                                          adapter_dir=adapter_dir))
+            except ValueError as err:  # a quantised base cannot be merged here; the adapter is saved
+                log.warning("sft: %s", err)
+                summary["merge_error"] = str(err)
+        atomic_write_json(out_dir / "metrics.json", summary)
+        log.info("sft: done in %.1fs, step %d, train loss %s -> %s", seconds, trainer.global_step,
+                 metrics.get("train/loss"), summary["merged_dir"] or summary["adapter_dir"])
+    finish_run(out_dir, STAGE, summary)
+    return summary
+
+
+@hydra.main(version_base="1.3", config_path="../../conf", config_name="sft")
+def main(cfg: DictConfig) -> None:
+    run_train_sft(cfg)
+
+
+if __name__ == "__main__":
+    main()
