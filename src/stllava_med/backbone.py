@@ -558,7 +558,7 @@ def export_merged(model: nn.Module, processor: Any, out_dir: str | os.PathLike, 
     if has_bnb_layers(model):
         raise ValueError(
             "cannot merge into a 4-bit/8-bit base; the adapter was saved — merge it into the full-precision base "
-            "with `python -m stllava_med.merge` on a machine that holds the bf16 weights"
+            "with `python -m stllava_med.merge base=<bf16 base> adapter=<adapter dir> out=<dir>`"
         )
     merged = copy.deepcopy(model)
     if hasattr(merged, "merge_and_unload"):

@@ -133,6 +133,27 @@ class BnbCpuGuard(Callback):
 # --------------------------------------------------------------------------------------------------------------
 
 
+class LastCheckpoint(Callback):
+    """Writes ``last.ckpt`` after the last batch of each epoch and when training ends."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._saved_step = -1
+
+    def _save(self, trainer: Trainer) -> None:
+        if trainer.global_step != self._saved_step and not trainer.sanity_checking:
+            trainer.save_checkpoint(self.path)
+            self._saved_step = trainer.global_step
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+            self._save(trainer)
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._save(trainer)
+
+
 def resume_checkpoint(out_dir: Path) -> str | None:
     """``<out_dir>/checkpoints/last.ckpt`` if a previous run of this config left one."""
     last = Path(out_dir) / "checkpoints" / "last.ckpt"
@@ -166,17 +187,18 @@ def build_trainer(trainer_cfg: Mapping[str, Any], out_dir: Path, *, logger_cfg: 
     from hydra.utils import instantiate
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 
-    checkpoint = ModelCheckpoint(
-        dirpath=out_dir / "checkpoints",
-        filename="step{step:07d}",
-        auto_insert_metric_name=False,
-        save_last=True,
-        save_top_k=0,
-        every_n_train_steps=checkpoint_every_n_steps,
-        save_on_train_epoch_end=True,
-        enable_version_counter=False,
-    )
-    all_callbacks: list[Callback] = [checkpoint, *callbacks]
+    # last.ckpt after the last batch of every epoch, at the end of training and, when asked, every N optimizer
+    # steps. Every save happens at a batch end: Lightning resumes mid-epoch state exactly from those, whereas
+    # its epoch-end checkpoints resume into a confused epoch counter.
+    all_callbacks: list[Callback] = [LastCheckpoint(out_dir / "checkpoints" / "last.ckpt")]
+    if checkpoint_every_n_steps:
+        all_callbacks.append(ModelCheckpoint(
+            dirpath=out_dir / "checkpoints", filename="step{step:07d}", auto_insert_metric_name=False,
+            # top_k=1 without a monitor keeps the newest file; Lightning writes last.ckpt only on steps where
+            # a top-k file was saved, so top_k=0 would never write it
+            save_last=True, save_top_k=1, enable_version_counter=False,
+            every_n_train_steps=int(checkpoint_every_n_steps)))
+    all_callbacks.extend(callbacks)
     loggers = build_loggers(logger_cfg, out_dir)
     if loggers:
         all_callbacks.append(LearningRateMonitor(logging_interval="step"))

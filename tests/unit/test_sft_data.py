@@ -132,7 +132,7 @@ def test_load_conversations_dispatches_on_format(tmp_path, sample_dir):
 def test_vqa_grouped_by_image_keeps_every_question_once(sample_dir):
     records, _ = load_vqa_rad(sample_dir, "train")
     grouped = vqa_to_conversations(records, dataset="rad", grouping="image", max_qa_per_conversation=10)
-    assert sum(c.n_pairs for c in grouped) == len(records) == 613
+    assert sum(c.n_pairs for c in grouped) == len(records) == 625
     assert all(1 <= c.n_pairs <= 10 for c in grouped)
     assert len({c.uid for c in grouped}) == len(grouped)
     ids = [q for c in grouped for q in c.meta["question_ids"]]
@@ -146,9 +146,9 @@ def test_vqa_grouped_by_image_keeps_every_question_once(sample_dir):
     multi = [c for c in grouped if c.n_pairs > 1]
     assert len(multi) > 0.8 * len(grouped)  # enough second human turns to teach asking
     unlimited = vqa_to_conversations(records, dataset="rad", grouping="image", max_qa_per_conversation=None)
-    assert len(unlimited) == len({r.image for r in records}) == 60
+    assert len(unlimited) == len({r.image for r in records}) == 61
     single = vqa_to_conversations(records, dataset="rad", grouping="single")
-    assert len(single) == 613 and all(c.n_pairs == 1 for c in single)
+    assert len(single) == 625 and all(c.n_pairs == 1 for c in single)
     assert vqa_to_conversations(records, dataset="rad") == grouped  # deterministic
 
 
