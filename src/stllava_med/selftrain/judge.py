@@ -240,6 +240,7 @@ class JudgeRunner:
         self.stats = RunStats()
         self._spent_before = store.usage()
         self._reserved_cost = 0.0
+        self._request_finished = asyncio.Condition()
         self._consecutive_failures = 0
         self._bar: Any = None
         self._last_postfix = 0.0
@@ -247,18 +248,35 @@ class JudgeRunner:
 
     # -- budget --------------------------------------------------------------------------------------------------
 
-    def _budget_stop(self, estimated_cost: float) -> str | None:
+    def _budget_stop(self, estimated_cost: float) -> tuple[str, str] | None:
+        """(which budget, why) when the next request would exceed a budget, else None."""
         settings = self.settings
         if settings.max_requests is not None:
             sent = self._spent_before.requests + self.stats.requests
             if sent >= settings.max_requests:
-                return f"budget: max_requests={settings.max_requests} reached ({sent} requests sent)"
+                return "requests", f"budget: max_requests={settings.max_requests} reached ({sent} requests sent)"
         if settings.max_cost_usd is not None:
             spent = self._spent_before.cost_usd + self.stats.cost_usd
             if spent + self._reserved_cost + estimated_cost > settings.max_cost_usd:
-                return (f"budget: max_cost_usd={settings.max_cost_usd:g} would be exceeded "
-                        f"(spent ${spent:.4f}, in flight ${self._reserved_cost:.4f}, next ≈${estimated_cost:.4f})")
+                return "cost", (f"budget: max_cost_usd={settings.max_cost_usd:g} would be exceeded "
+                                f"(spent ${spent:.4f}, in flight ${self._reserved_cost:.4f}, next ≈${estimated_cost:.4f})")
         return None
+
+    async def _within_budget(self, estimated_cost: float) -> bool:
+        """Wait while requests in flight hold cost reservations that may turn out smaller than estimated; stop the
+        run (and return False) once the next request cannot fit even with nothing in flight."""
+        while True:
+            if self.stats.stopped:
+                return False
+            exceeded = self._budget_stop(estimated_cost)
+            if exceeded is None:
+                return True
+            kind, reason = exceeded
+            if kind == "requests" or self._reserved_cost <= 0:
+                self.stop(reason)
+                return False
+            async with self._request_finished:
+                await self._request_finished.wait()
 
     def stop(self, reason: str) -> None:
         if self.stats.stopped is None:
@@ -307,8 +325,9 @@ class JudgeRunner:
         prompt_total = completion_total = 0
         cost_total = 0.0
         started = time.perf_counter()
-        estimated_tokens = self.expert.estimate_tokens(candidate)
-        estimated_cost = settings.cost(estimated_tokens, 0)
+        estimated_prompt, estimated_completion = self.expert.estimate_tokens(candidate)
+        estimated_tokens = estimated_prompt + estimated_completion
+        estimated_cost = settings.cost(estimated_prompt, estimated_completion)
 
         def judgement(status: str, **values: Any) -> Judgement:
             return Judgement(key=key, candidate_id=candidate.id, expert=self.expert.identity,
@@ -318,19 +337,11 @@ class JudgeRunner:
                              created_at=time.time(), **values)
 
         while True:
-            if self.stats.stopped:
-                return
-            reason = self._budget_stop(estimated_cost)
-            if reason:
-                self.stop(reason)
+            if not await self._within_budget(estimated_cost):
                 return
             await self.limiter.acquire(estimated_tokens)
-            if self.stats.stopped:
-                return
             # recheck after the (possibly long) wait: other workers may have spent the budget meanwhile
-            reason = self._budget_stop(estimated_cost)
-            if reason:
-                self.stop(reason)
+            if not await self._within_budget(estimated_cost):
                 return
             self.stats.requests += 1
             self._reserved_cost += estimated_cost
@@ -344,30 +355,29 @@ class JudgeRunner:
             finally:
                 self._reserved_cost -= estimated_cost
             seconds = round(time.perf_counter() - request_started, 4)
+            # Charge what the reply used (valid or not) before anyone re-checks the budget.
+            used = result if result is not None else error
+            prompt_tokens = int(getattr(used, "prompt_tokens", 0) or 0)
+            completion_tokens = int(getattr(used, "completion_tokens", 0) or 0)
+            cost = self._account(prompt_tokens, completion_tokens)
+            prompt_total += prompt_tokens
+            completion_total += completion_tokens
+            cost_total += cost
+            if prompt_tokens or completion_tokens:
+                self.limiter.correct(prompt_tokens + completion_tokens - estimated_tokens)
+            async with self._request_finished:
+                self._request_finished.notify_all()
+            request: dict[str, Any] = {"attempt": attempt, "seconds": seconds, "prompt_tokens": prompt_tokens,
+                                       "completion_tokens": completion_tokens, "cost_usd": cost}
             if result is not None:
-                cost = self._account(result.prompt_tokens, result.completion_tokens)
-                self.limiter.correct(result.prompt_tokens + result.completion_tokens - estimated_tokens)
-                prompt_total += result.prompt_tokens
-                completion_total += result.completion_tokens
-                cost_total += cost
                 self._consecutive_failures = 0
-                self._finish(
-                    judgement("ok", scores=list(result.scores), rationales=list(result.rationales),
-                              order=list(result.order), raw=result.raw),
-                    {"attempt": attempt, "outcome": "ok", "prompt_tokens": result.prompt_tokens,
-                     "completion_tokens": result.completion_tokens, "cost_usd": cost, "seconds": seconds},
-                )
+                self._finish(judgement("ok", scores=list(result.scores), rationales=list(result.rationales),
+                                       order=list(result.order), raw=result.raw), {**request, "outcome": "ok"})
                 return
             assert error is not None
             reason_text = getattr(error, "reason", str(error))
-            request = {"attempt": attempt, "detail": reason_text[:500], "seconds": seconds}
+            request["detail"] = reason_text[:500]
             if isinstance(error, InvalidResponse):
-                cost = self._account(error.prompt_tokens, error.completion_tokens)
-                prompt_total += error.prompt_tokens
-                completion_total += error.completion_tokens
-                cost_total += cost
-                request.update(prompt_tokens=error.prompt_tokens, completion_tokens=error.completion_tokens,
-                               cost_usd=cost)
                 self.stats.invalid_replies += 1
                 invalid += 1
                 if invalid > settings.max_invalid_retries:

@@ -103,11 +103,12 @@ class Expert(ABC):
     async def judge(self, candidate: Candidate, *, key: str, attempt: int) -> ExpertResult:
         """Grade ``candidate``; raise an :class:`ExpertError` subclass on failure."""
 
-    def estimate_tokens(self, candidate: Candidate) -> int:
-        """A pre-request token estimate for the tokens-per-minute limiter and the cost budget."""
-        return 0
+    def estimate_tokens(self, candidate: Candidate) -> tuple[int, int]:
+        """(prompt, completion) tokens a request may use, estimated before sending it: the tokens-per-minute
+        limiter and the cost budget reserve this much. Completion is the reply's upper bound (max tokens)."""
+        return 0, 0
 
-    async def aclose(self) -> None:
+    async def aclose(self) -> None:  # noqa: B027 - optional hook; most experts hold nothing to release
         """Release connections or models."""
 
 

@@ -160,9 +160,10 @@ class OpenAIExpert(Expert):
             return {"type": "json_object"}
         return None
 
-    def estimate_tokens(self, candidate: Candidate) -> int:
+    def estimate_tokens(self, candidate: Candidate) -> tuple[int, int]:
+        # ~4 characters per token for English text, plus the image's tokens
         text = len(SYSTEM_PROMPT) + len(render_prompt(candidate.question, candidate.answers))
-        return text // 4 + self.image_tokens_estimate + self.max_tokens
+        return text // 4 + self.image_tokens_estimate, self.max_tokens
 
     async def judge(self, candidate: Candidate, *, key: str, attempt: int) -> ExpertResult:
         import openai
