@@ -11,7 +11,9 @@ Per image (``question_source=self``):
    DPO trains on) and K answers are sampled with one ``num_return_sequences=K`` call.
 
 With ``question_source=dataset`` the questions (and their ground-truth answers, for the ``reference`` expert)
-come from a labelled VQA set and only step 3 runs.
+come from a labelled VQA set and only step 3 runs. ``include_reference_answer`` (off by default, not the
+paper's method) adds the ground-truth answer to the sampled ones, so that a policy too weak to ever answer
+correctly — the tiny backbone of the offline demo, say — still yields preference pairs.
 
 Work is batched across images (``image_batch_size``) and questions (``answer_batch_size`` prompts × K
 sequences per call). Identical questions of an image and identical answers of a question are dropped and
@@ -78,6 +80,7 @@ class GenerationSettings:
     answer: Sampling = field(default_factory=lambda: Sampling(temperature=1.2, top_k=100, top_p=0.95))
     max_question_rounds: int = 2
     max_answer_rounds: int = 2
+    include_reference_answer: bool = False
     shard_size: int = 10000
     on_bad_image: str = "error"
     progress: bool = True
@@ -96,6 +99,9 @@ class GenerationSettings:
         if self.question_source == "self" and self.question_prompt == "questioner" and not self.describe:
             raise ValueError("generate.question_prompt=questioner continues the conversation after the image "
                              "description: it needs generate.describe=true (or use question_prompt=instruction)")
+        if self.include_reference_answer and self.question_source != "dataset":
+            raise ValueError("generate.include_reference_answer needs generate.question_source=dataset "
+                             "(self-asked questions have no ground truth)")
         if self.on_bad_image not in ("error", "skip"):
             raise ValueError(f"generate.on_bad_image must be 'error' or 'skip', not {self.on_bad_image!r}")
         for name in ("image_batch_size", "answer_batch_size", "shard_size"):
@@ -357,13 +363,23 @@ class CandidateGenerator:
         policy = getattr(self.backbone, "name_or_path", None) or getattr(self.backbone, "name", None)
         for (i, given), sampled in zip(flat, answers):
             task = tasks[i]
+            dataset = settings.question_source == "dataset"
+            meta: dict[str, Any] = {"record_id": given.record_id} if dataset else {}
+            if settings.include_reference_answer:
+                # the ground truth joins the sampled answers (unless the policy already said it): a bootstrap
+                # for policies too weak to ever be right, at the price of off-policy chosen answers
+                keys = [_dedupe_key(a) for a in sampled]
+                if _dedupe_key(given.answer) in keys:
+                    meta["reference_answer_index"] = keys.index(_dedupe_key(given.answer))
+                else:
+                    meta["reference_answer_index"] = len(sampled)
+                    sampled = [*sampled, given.answer]
+                    self.counts["reference_answers_added"] += 1
             if len(sampled) < 2:
                 self.counts["questions_dropped_fewer_than_2_answers"] += 1
                 continue
             if len(sampled) < settings.answers_per_question:
                 self.counts["questions_with_fewer_answers"] += 1
-            dataset = settings.question_source == "dataset"
-            meta = {"record_id": given.record_id} if dataset else {}
             out[i][0].append(Candidate(
                 id=candidate_id(task.image_id, given.question), image=task.path, image_sha256=task.image_id,
                 question=given.question, answers=sampled, question_source=settings.question_source,

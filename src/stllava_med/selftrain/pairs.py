@@ -104,6 +104,7 @@ def pair_from_judgement(candidate: Candidate, judgement: Judgement, *, source: s
             "chosen_index": best,
             "rejected_index": worst,
             "scores": list(judgement.scores),
+            "chosen_is_reference": candidate.meta.get("reference_answer_index") == best,
             "chosen_rationale": rationales[best],
             "rejected_rationale": rationales[worst],
         },
