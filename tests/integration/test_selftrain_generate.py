@@ -152,3 +152,27 @@ def test_hf_local_expert_on_the_tiny_backbone_records_unparsable_replies_as_fail
         assert store.usage().prompt_tokens > 0  # local token counts are recorded too
     assert all(f.failure.startswith("invalid reply after 2 attempts: ") for f in failures)
     assert all(f.expert.startswith("hf_local:") for f in failures)
+
+
+def test_shared_prefix_sampling_equals_num_return_sequences(tiny_backbone, sample_dir):
+    """One prefill + a repeated KV cache samples exactly what generate(num_return_sequences=K) samples, with
+    left padding of prompts of different lengths."""
+    import torch
+
+    from stllava_med.chat import ChatFormat, prompt_text, vqa_turns
+    from stllava_med.data.vqa import load_image
+    from stllava_med.eval.vqa import generate_batch
+    from stllava_med.selftrain.generate import sample_sequences, supports_shared_prefix
+
+    assert supports_shared_prefix(tiny_backbone.model)
+    images = [load_image(p) for p in sorted((sample_dir / "images").glob("*.jpg"))[:3]]
+    questions = ["Is this normal?", "Where is the largest lesion located in this image?", "What organ?"]
+    prompts = [prompt_text(tiny_backbone.processor, vqa_turns(q), "assistant", ChatFormat()) for q in questions]
+    sampling = {"temperature": 1.2, "top_k": 100, "top_p": 0.95}
+    torch.manual_seed(7)
+    shared = sample_sequences(tiny_backbone, prompts, images, k=3, max_new_tokens=10, **sampling)
+    torch.manual_seed(7)
+    plain = generate_batch(tiny_backbone, prompts, images, max_new_tokens=10, do_sample=True, num_return_sequences=3,
+                           **sampling)
+    assert len(shared) == 9 and shared == plain
+    assert len(set(shared[:3])) > 1  # genuinely sampled, not three copies

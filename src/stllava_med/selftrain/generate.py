@@ -16,7 +16,8 @@ paper's method) adds the ground-truth answer to the sampled ones, so that a poli
 correctly — the tiny backbone of the offline demo, say — still yields preference pairs.
 
 Work is batched across images (``image_batch_size``) and questions (``answer_batch_size`` prompts × K
-sequences per call). Identical questions of an image and identical answers of a question are dropped and
+sequences per call); each prompt and its image are encoded once and the K samples decode from a shared KV cache
+(:func:`sample_sequences`). Identical questions of an image and identical answers of a question are dropped and
 resampled, at most ``max_*_rounds`` more times. Sampling is seeded per batch of the full image list, so a rerun
 — or a resumed run — produces the same candidates. Candidates are appended to JSONL shards as each batch
 finishes, and an image counts as done only once its line is in ``progress.jsonl``; a rerun skips done images and
@@ -81,6 +82,7 @@ class GenerationSettings:
     max_question_rounds: int = 2
     max_answer_rounds: int = 2
     include_reference_answer: bool = False
+    shared_prefix: str | bool = "auto"
     shard_size: int = 10000
     on_bad_image: str = "error"
     progress: bool = True
@@ -102,6 +104,8 @@ class GenerationSettings:
         if self.include_reference_answer and self.question_source != "dataset":
             raise ValueError("generate.include_reference_answer needs generate.question_source=dataset "
                              "(self-asked questions have no ground truth)")
+        if str(self.shared_prefix).lower() not in ("auto", "true", "false"):
+            raise ValueError(f"generate.shared_prefix must be auto, true or false, not {self.shared_prefix!r}")
         if self.on_bad_image not in ("error", "skip"):
             raise ValueError(f"generate.on_bad_image must be 'error' or 'skip', not {self.on_bad_image!r}")
         for name in ("image_batch_size", "answer_batch_size", "shard_size"):
@@ -262,6 +266,71 @@ def discard_unfinished(out_dir: Path, done: Mapping[str, Any]) -> int:
     return discarded
 
 
+# Model types whose text model takes 1-D positions from the attention mask (LLaVA-1.5 / LLaVA-Med on Llama or
+# Vicuna): for these, a prefilled and repeated KV cache continues exactly like a fresh generate. Models with
+# their own position scheme (Qwen2-VL's 3-D rope) take the plain num_return_sequences path.
+SHARED_PREFIX_MODEL_TYPES = ("llava",)
+
+
+def supports_shared_prefix(model: Any) -> bool:
+    return getattr(getattr(model, "config", None), "model_type", None) in SHARED_PREFIX_MODEL_TYPES
+
+
+def sample_sequences(backbone: Any, prompts: Sequence[str], images: Sequence[Any], *, k: int, max_new_tokens: int,
+                     shared_prefix: bool = True, **sampling: Any) -> list[str]:
+    """``k`` sampled continuations per prompt, ``k`` consecutive entries per prompt.
+
+    With ``shared_prefix`` each prompt and its image are encoded once: one forward pass fills the KV cache for
+    the batch, the cache is repeated ``k`` times, and decoding continues from it. ``generate``'s own
+    ``num_return_sequences`` repeats the *inputs* instead, so the vision tower and the prompt prefill run ``k``
+    times — the dominant cost for short answers to prompts with hundreds of image tokens. Both give the same
+    text for the same seed (tested)."""
+    import torch
+
+    from stllava_med.eval.vqa import generate_batch, model_device
+
+    if not shared_prefix or k == 1:
+        return generate_batch(backbone, prompts, images, max_new_tokens=max_new_tokens, do_sample=True,
+                              num_return_sequences=k, **sampling)
+    processor, model = backbone.processor, backbone.model
+    tokenizer = processor.tokenizer
+    previous_side = tokenizer.padding_side
+    tokenizer.padding_side = "left"  # continuations start at the same column for every row
+    try:
+        inputs = processor(text=list(prompts), images=list(images), padding=True, return_tensors="pt")
+    finally:
+        tokenizer.padding_side = previous_side
+    device = model_device(model)
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    input_ids = inputs["input_ids"].to(device)
+    attention_mask = inputs["attention_mask"].to(device)
+    extra = {key: (value.to(device, dtype=dtype) if value.is_floating_point() else value.to(device))
+             for key, value in inputs.items()
+             if isinstance(value, torch.Tensor) and key not in ("input_ids", "attention_mask")}
+    # generate() derives positions from the mask the same way; the prefill must agree with it
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            # everything but the last prompt token: generate() must have one uncached token to start from
+            prefill = model(input_ids=input_ids[:, :-1], attention_mask=attention_mask[:, :-1],
+                            position_ids=position_ids[:, :-1], use_cache=True, **extra)
+            cache = prefill.cache
+            cache.batch_repeat_interleave(k)
+            output = model.generate(
+                input_ids=input_ids.repeat_interleave(k, dim=0),
+                attention_mask=attention_mask.repeat_interleave(k, dim=0),
+                cache=cache, max_new_tokens=max_new_tokens, do_sample=True,
+                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                **{key: value for key, value in sampling.items() if value is not None},
+            )
+    finally:
+        model.train(was_training)
+    new_tokens = output[:, input_ids.shape[1]:]
+    return [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+
+
 def batch_seed(seed: int, batch_index: int) -> int:
     return int(stable_hash({"seed": seed, "batch": batch_index}, n=8), 16) % (2**31 - 1)
 
@@ -274,6 +343,8 @@ class CandidateGenerator:
         self.fmt = fmt
         self.settings = settings
         self.counts: Counter = Counter()
+        choice = str(settings.shared_prefix).lower()
+        self.shared_prefix = supports_shared_prefix(backbone.model) if choice == "auto" else choice == "true"
 
     # -- prompts ----------------------------------------------------------------------------------------------
 
@@ -304,17 +375,15 @@ class CandidateGenerator:
                          rounds: int, kind: str) -> list[list[str]]:
         """Up to ``want`` distinct non-empty samples per prompt: one ``num_return_sequences=want`` call, then
         up to ``rounds`` more for prompts still short (duplicates and empty samples are dropped, counted)."""
-        from stllava_med.eval.vqa import generate_batch
-
         results: list[list[str]] = [[] for _ in prompts]
         seen: list[set[str]] = [set() for _ in prompts]
         for _ in range(1 + rounds):
             pending = [i for i in range(len(prompts)) if len(results[i]) < want]
             if not pending:
                 break
-            texts = generate_batch(self.backbone, [prompts[i] for i in pending], [images[i] for i in pending],
-                                   max_new_tokens=sampling.max_new_tokens, do_sample=True,
-                                   num_return_sequences=want, **sampling.kwargs())
+            texts = sample_sequences(self.backbone, [prompts[i] for i in pending], [images[i] for i in pending],
+                                     k=want, max_new_tokens=sampling.max_new_tokens,
+                                     shared_prefix=self.shared_prefix, **sampling.kwargs())
             self.counts[f"{kind}_sampled"] += len(texts)
             for slot, i in enumerate(pending):
                 for text in texts[slot * want:(slot + 1) * want]:

@@ -168,12 +168,14 @@ class Judgement:
 
 
 def candidate_files(path: str | os.PathLike) -> list[Path]:
-    """The JSONL files a ``candidates=`` argument names: a file, a directory of ``*.jsonl`` shards (searched
-    recursively, so a generation run directory works too) or a glob."""
+    """The JSONL files a ``candidates=`` argument names: a file, a generation run directory (its
+    ``candidates/`` shards), a directory of ``*.jsonl`` shards (searched recursively) or a glob."""
     text = str(path)
     p = Path(text).expanduser()
     if p.is_file():
         return [p]
+    if p.is_dir() and (p / "candidates").is_dir():  # a generation run directory
+        p = p / "candidates"
     if p.is_dir():
         files = sorted(f for f in p.rglob("*.jsonl") if f.name != "progress.jsonl")
     else:
