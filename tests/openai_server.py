@@ -14,6 +14,7 @@ shown in), and can inject faults:
 ``wrong_count``      200 with one score too few
 ``bad_body``         200 whose body is not JSON at all
 ``auth``             HTTP 401
+``echo_key``         HTTP 500 whose error message repeats the request's Authorization header (careless servers do)
 ===============  ==============================================================================================
 
 Faults come from a global queue (consumed by arrival order) and/or per-question scripts (consumed by the
@@ -181,6 +182,10 @@ class _Handler(BaseHTTPRequestHandler):
             retry_after = fault.split(":", 1)[1] if ":" in fault else "1"
             entry.status = 429
             self._error(429, "rate limited", {"Retry-After": retry_after})
+            return
+        if fault == "echo_key":
+            entry.status = 500
+            self._error(500, f"upstream failed for request with {self.headers.get('Authorization')}")
             return
         if fault in ("500", "502", "503"):
             entry.status = int(fault)

@@ -126,19 +126,19 @@ def run_judge(cfg: DictConfig, out_dir: Path | None = None) -> dict[str, Any]:
                                          retry_failed=str(judge_cfg.get("retry_failed", "transient")),
                                          progress=bool(judge_cfg.get("progress", True)))
     pair_settings = PairSettings.from_config(cfg.get("pairs"))
-    out_dir = out_dir or _start(cfg)
     started = time.perf_counter()
-
+    # everything that can fail on bad input fails before the run directory exists
     candidates = load_candidates(str(cfg.candidates))
     if judge_cfg.get("limit"):
         candidates = candidates[: int(judge_cfg["limit"])]
     if not candidates:
         raise ValueError(f"judge: no candidates in {cfg.candidates}")
-    log.info("judge: %d candidates from %s", len(candidates), cfg.candidates)
-    expert = build_expert(expert_cfg, seed=int(cfg.get("seed") or 0))
     if expert_cfg.get("kind") == "reference" and all(c.reference_answer is None for c in candidates):
         raise ValueError("expert=reference needs candidates with ground-truth answers; none of these has one "
                          "(generate them with generate.question_source=dataset)")
+    expert = build_expert(expert_cfg, seed=int(cfg.get("seed") or 0))
+    out_dir = out_dir or _start(cfg)
+    log.info("judge: %d candidates from %s", len(candidates), cfg.candidates)
     store_path = out_dir / "judgements.sqlite"
     stats, keys = judge_candidates(candidates, expert, store_path, settings,
                                    synchronous=str(judge_cfg.get("store_synchronous", "NORMAL")))

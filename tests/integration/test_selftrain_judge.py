@@ -208,7 +208,9 @@ def test_sigkilled_cli_run_resumes_without_asking_anything_twice_and_never_write
     candidates_path.write_text("".join(json.dumps(c.to_json()) + "\n" for c in candidates))
     run_dir = tmp_path / "run"
     store_path = run_dir / "judgements.sqlite"
-    with OpenAITestServer(api_key=TEST_KEY, hold_after=6, latency_s=0.01) as server:
+    # one question first meets a server error that echoes the Authorization header: its reason is stored
+    echo = {candidates[0].question: ["echo_key"]}
+    with OpenAITestServer(api_key=TEST_KEY, hold_after=6, latency_s=0.01, question_faults=echo) as server:
         first = subprocess.Popen(_judge_command(server, candidates_path, run_dir, run_dir / "hydra-1"), env=_env(),
                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         try:
@@ -247,6 +249,8 @@ def test_sigkilled_cli_run_resumes_without_asking_anything_twice_and_never_write
     assert held_before <= set(resumed)  # the requests lost in flight were asked again, once
     assert sorted(resumed) == sorted({c.question for c in candidates} - answered_before)
     assert answered_per_question == {c.question: 1 for c in candidates}
+    with JudgementStore(store_path, readonly=True) as store:
+        assert store.request_outcomes()["transient"] == 1  # the echoing 500, retried
     summary = json.loads((run_dir / "summary.json").read_text())
     assert (summary["judged"], summary["failed"], summary["unjudged"], summary["complete"]) == (16, 0, 0, True)
     assert summary["this_run"]["already_judged"] == len(answered_before)
