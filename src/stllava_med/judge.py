@@ -1,0 +1,188 @@
+"""Expert judging of generated candidates, and preference pairs from the verdicts.
+
+    python -m stllava_med.judge candidates=<dir|file|glob> expert=openai expert.model=gpt-4o out_dir=<dir>
+    python -m stllava_med.judge candidates=... expert=openai expert.base_url=http://node:8000/v1 \\
+        expert.model=Qwen/Qwen2.5-VL-72B-Instruct expert.concurrency=32
+    python -m stllava_med.judge candidates=... expert=reference          # offline, against ground truth
+
+Writes into the run directory: ``judgements.sqlite`` (the resumable store), ``preference/pairs-*.jsonl`` (the
+DPO stage's input) and ``summary.json``. Rerunning the same command resumes: judgements already stored are
+never asked again. The API key comes only from the environment variable ``expert.api_key_env`` names.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from stllava_med.utils import config as _config  # noqa: F401  (registers resolvers)
+
+log = logging.getLogger("stllava_med.judge")
+
+EXPERT_KINDS = ("openai", "reference", "hf_local")
+
+
+def _forbid_inline_secrets(expert_cfg: Mapping[str, Any]) -> None:
+    for name in expert_cfg:
+        if str(name).lower() in ("api_key", "key", "token", "secret", "password"):
+            raise ValueError(
+                f"expert.{name} must not be set in a config or on the command line (Hydra saves both): put the "
+                f"key in the environment variable that expert.api_key_env names (default OPENAI_API_KEY)"
+            )
+
+
+def build_expert(expert_cfg: Mapping[str, Any], *, seed: int = 0) -> Any:
+    """The expert object for an ``expert`` config group entry (the one place config becomes an expert)."""
+    cfg = dict(expert_cfg)
+    _forbid_inline_secrets(cfg)
+    kind = str(cfg.get("kind", cfg.get("name")))
+    if kind == "openai":
+        from stllava_med.selftrain.experts.openai_expert import OpenAIExpert
+
+        env = str(cfg.get("api_key_env") or "OPENAI_API_KEY")
+        api_key = os.environ.get(env)
+        if not api_key:
+            if not cfg.get("base_url"):
+                raise ValueError(
+                    f"expert=openai needs an API key in the environment variable {env} (or point "
+                    "expert.base_url at an OpenAI-compatible server that needs none)"
+                )
+            log.info("judge: %s is not set; sending a placeholder key to %s", env, cfg["base_url"])
+            api_key = "EMPTY"  # vLLM / SGLang / Ollama without --api-key accept any key
+        return OpenAIExpert(
+            model=str(cfg["model"]), api_key=api_key, base_url=cfg.get("base_url"),
+            temperature=float(cfg.get("temperature", 0.2)), max_tokens=int(cfg.get("max_tokens", 400)),
+            timeout_s=float(cfg.get("timeout_s", 60)), response_format=str(cfg.get("response_format", "json_schema")),
+            image_detail=cfg.get("image_detail"), max_image_side=cfg.get("max_image_side"),
+            image_tokens_estimate=int(cfg.get("image_tokens_estimate", 765)), seed=seed,
+        )
+    if kind == "reference":
+        from stllava_med.selftrain.experts.reference import ReferenceExpert
+
+        return ReferenceExpert(closed_match=str(cfg.get("closed_match", "strict")))
+    if kind == "hf_local":
+        from stllava_med.backbone import load_backbone
+        from stllava_med.chat import ChatFormat
+        from stllava_med.selftrain.experts.hf_local import HFLocalExpert
+        from stllava_med.utils.runtime import pick_device
+
+        backbone_cfg = cfg.get("backbone")
+        if not backbone_cfg:
+            raise ValueError("expert=hf_local needs expert.backbone (a backbone config, e.g. expert/backbone=...)")
+        backbone = load_backbone(dict(backbone_cfg), with_lora=False)
+        if not backbone_cfg.get("quantization"):
+            backbone.model.to(pick_device(cfg.get("device")))
+        return HFLocalExpert(backbone, ChatFormat.from_config(backbone_cfg.get("chat")),
+                             max_new_tokens=int(cfg.get("max_tokens", 400)),
+                             retry_temperature=float(cfg.get("retry_temperature", 0.7)), seed=seed)
+    raise ValueError(f"unknown expert kind {kind!r}; expected one of {EXPERT_KINDS}")
+
+
+def _start(cfg: DictConfig) -> Path:
+    # Like utils.runtime.start_run, minus seeding through Lightning: judging through an API needs neither torch
+    # nor Lightning, and importing them would triple the start-up time of every (resumed) judge job.
+    from stllava_med.utils.config import resolve_out_dir, save_config
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    out_dir = resolve_out_dir(cfg, "judge")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out_dir)
+    log.info("judge: run directory %s", out_dir)
+    return out_dir
+
+
+def _finish(out_dir: Path, summary: dict[str, Any]) -> None:
+    # utils.runtime.finish_run's job-directory record, without importing torch
+    from stllava_med.utils.config import hydra_output_dir
+    from stllava_med.utils.io import atomic_write_json
+
+    job_dir = hydra_output_dir()
+    if job_dir is not None and job_dir.resolve() != out_dir.resolve():
+        atomic_write_json(job_dir / "run_info.json", {"stage": "judge", "out_dir": str(out_dir), **summary})
+
+
+def run_judge(cfg: DictConfig, out_dir: Path | None = None) -> dict[str, Any]:
+    """Judge ``cfg.candidates`` with ``cfg.expert``, build pairs, write the store, shards and ``summary.json``."""
+    from stllava_med.selftrain.judge import JudgeSettings, judge_candidates
+    from stllava_med.selftrain.pairs import PairSettings, build_pairs, write_shards
+    from stllava_med.selftrain.records import load_candidates
+    from stllava_med.selftrain.store import JudgementStore
+    from stllava_med.utils.io import atomic_write_json
+
+    if not cfg.get("candidates"):
+        raise ValueError("judge: set candidates=<file, directory of shards, or glob> (a generation run's output)")
+    expert_cfg = OmegaConf.to_container(cfg.expert, resolve=True)
+    assert isinstance(expert_cfg, dict)
+    _forbid_inline_secrets(expert_cfg)
+    judge_cfg = dict(cfg.get("judge") or {})
+    settings = JudgeSettings.from_config(expert_cfg, seed=int(cfg.get("seed") or 0),
+                                         retry_failed=str(judge_cfg.get("retry_failed", "transient")),
+                                         progress=bool(judge_cfg.get("progress", True)))
+    pair_settings = PairSettings.from_config(cfg.get("pairs"))
+    started = time.perf_counter()
+    # everything that can fail on bad input fails before the run directory exists
+    candidates = load_candidates(str(cfg.candidates))
+    if judge_cfg.get("limit"):
+        candidates = candidates[: int(judge_cfg["limit"])]
+    if not candidates:
+        raise ValueError(f"judge: no candidates in {cfg.candidates}")
+    if expert_cfg.get("kind") == "reference" and all(c.reference_answer is None for c in candidates):
+        raise ValueError("expert=reference needs candidates with ground-truth answers; none of these has one "
+                         "(generate them with generate.question_source=dataset)")
+    expert = build_expert(expert_cfg, seed=int(cfg.get("seed") or 0))
+    out_dir = out_dir or _start(cfg)
+    log.info("judge: %d candidates from %s", len(candidates), cfg.candidates)
+    store_path = out_dir / "judgements.sqlite"
+    stats, keys = judge_candidates(candidates, expert, store_path, settings,
+                                   synchronous=str(judge_cfg.get("store_synchronous", "NORMAL")))
+
+    with JudgementStore(store_path) as store:
+        by_key = {j.key: j for j in store.judgements(set(keys.values()))}
+        judgements = {cid: by_key[key] for cid, key in keys.items() if key in by_key}
+        usage = store.usage()
+        outcomes = store.request_outcomes()
+    pairs, pair_stats = build_pairs(candidates, judgements, pair_settings)
+    shards = write_shards(pairs, out_dir / "preference", shard_size=pair_settings.shard_size)
+    summary = {
+        **pair_stats.to_json(),
+        "complete": pair_stats.unjudged == 0,
+        "stopped": stats.stopped,
+        "expert": expert.identity,
+        "prompt_version": expert.prompt_version,
+        "candidates_path": str(cfg.candidates),
+        "store": str(store_path),
+        "preference_shards": [str(p) for p in shards],
+        "this_run": stats.to_json(),
+        "all_runs": {"requests": usage.requests, "prompt_tokens": usage.prompt_tokens,
+                     "completion_tokens": usage.completion_tokens, "cost_usd": round(usage.cost_usd, 6),
+                     "request_outcomes": outcomes},
+        "pairs_settings": {"min_margin": pair_settings.min_margin, "max_per_image": pair_settings.max_per_image},
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+    atomic_write_json(out_dir / "summary.json", summary)
+    log.info("judge: %d judged, %d failed, %d unjudged → %d pairs (%d ties, %d under margin, %d capped)%s",
+             pair_stats.judged, pair_stats.failed, pair_stats.unjudged, pair_stats.pairs, pair_stats.ties_dropped,
+             pair_stats.low_margin_dropped, pair_stats.capped, f"; stopped: {stats.stopped}" if stats.stopped else "")
+    if cfg.get("print_summary", True):
+        print(f"judge {expert.identity}: {pair_stats.judged} judged, {pair_stats.failed} failed, "
+              f"{pair_stats.unjudged} unjudged, {pair_stats.pairs} pairs "
+              f"({stats.requests} requests this run, ${usage.cost_usd:.4f} in all)"
+              f"{' — stopped: ' + stats.stopped if stats.stopped else ''}\nwritten to {out_dir}")
+    _finish(out_dir, {"pairs": pair_stats.pairs, "judged": pair_stats.judged, "stopped": stats.stopped})
+    return summary
+
+
+@hydra.main(version_base="1.3", config_path="../../conf", config_name="judge")
+def main(cfg: DictConfig) -> None:
+    run_judge(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,550 @@
+"""Candidate generation: the policy describes each image, asks its own questions about it, and samples K answers
+to each question (STLLaVA-Med stage 2a, first half).
+
+Per image (``question_source=self``):
+
+1. **describe** — greedy, ``ChatFormat.describe_instruction`` as the user turn;
+2. **ask** — continuing the conversation in the *questioner* role (the rendering stage 1 trains on), N
+   questions are sampled from that one prefix with ``num_return_sequences``; for a backbone without stage-1
+   training, ``question_prompt=instruction`` asks through a user instruction instead;
+3. **answer** — each question is put to the policy as the single-turn VQA prompt (the prompt evaluation uses and
+   DPO trains on) and K answers are sampled with one ``num_return_sequences=K`` call.
+
+With ``question_source=dataset`` the questions (and their ground-truth answers, for the ``reference`` expert)
+come from a labelled VQA set and only step 3 runs. ``include_reference_answer`` (off by default, not the
+paper's method) adds the ground-truth answer to the sampled ones, so that a policy too weak to ever answer
+correctly — the tiny backbone of the offline demo, say — still yields preference pairs.
+
+Work is batched across images (``image_batch_size``) and questions (``answer_batch_size`` prompts × K
+sequences per call); each prompt and its image are encoded once and the K samples decode from a shared KV cache
+(:func:`sample_sequences`). Identical questions of an image and identical answers of a question are dropped and
+resampled, at most ``max_*_rounds`` more times. Sampling is seeded per batch of the full image list, so a rerun
+— or a resumed run — produces the same candidates. Candidates are appended to JSONL shards as each batch
+finishes, and an image counts as done only once its line is in ``progress.jsonl``; a rerun skips done images and
+discards the partial output of an image a kill interrupted.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from stllava_med.selftrain.records import Candidate, candidate_id
+from stllava_med.utils.io import JsonlWriter, read_jsonl, sha256_file, stable_hash, write_jsonl
+
+log = logging.getLogger(__name__)
+
+QUESTION_SOURCES = ("self", "dataset")
+QUESTION_PROMPTS = ("questioner", "instruction")
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+SHARD_PREFIX = "candidates"
+PROGRESS_FILE = "progress.jsonl"
+
+
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float = 1.2
+    top_k: int | None = 100
+    top_p: float | None = 0.95
+    max_new_tokens: int = 300
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any] | None, **defaults: Any) -> Sampling:
+        values = {**defaults, **{k: v for k, v in dict(cfg or {}).items() if k in cls.__dataclass_fields__}}
+        return cls(**values)
+
+    def kwargs(self) -> dict[str, Any]:
+        return {"temperature": self.temperature, "top_k": self.top_k, "top_p": self.top_p}
+
+
+@dataclass
+class GenerationSettings:
+    """``generate.*`` of ``conf/generate.yaml``; defaults are the paper's."""
+
+    question_source: str = "self"
+    question_prompt: str = "questioner"
+    questions_per_image: int = 5
+    answers_per_question: int = 2
+    max_images: int | None = None
+    image_batch_size: int = 4
+    answer_batch_size: int = 8
+    describe: bool = True
+    describe_max_new_tokens: int = 300
+    question: Sampling = field(default_factory=lambda: Sampling(temperature=1.2, top_k=300, top_p=0.95))
+    answer: Sampling = field(default_factory=lambda: Sampling(temperature=1.2, top_k=100, top_p=0.95))
+    max_question_rounds: int = 2
+    max_answer_rounds: int = 2
+    include_reference_answer: bool = False
+    shared_prefix: str | bool = "auto"
+    shard_size: int = 10000
+    on_bad_image: str = "error"
+    progress: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.question_source not in QUESTION_SOURCES:
+            raise ValueError(f"generate.question_source must be one of {QUESTION_SOURCES}, not {self.question_source!r}")
+        if self.question_prompt not in QUESTION_PROMPTS:
+            raise ValueError(f"generate.question_prompt must be one of {QUESTION_PROMPTS}, not {self.question_prompt!r}")
+        if self.answers_per_question < 2:
+            raise ValueError(f"generate.answers_per_question must be >= 2 (a pair needs two answers), "
+                             f"got {self.answers_per_question}")
+        if self.question_source == "self" and self.questions_per_image < 1:
+            raise ValueError(f"generate.questions_per_image must be >= 1, got {self.questions_per_image}")
+        if self.question_source == "self" and self.question_prompt == "questioner" and not self.describe:
+            raise ValueError("generate.question_prompt=questioner continues the conversation after the image "
+                             "description: it needs generate.describe=true (or use question_prompt=instruction)")
+        if self.include_reference_answer and self.question_source != "dataset":
+            raise ValueError("generate.include_reference_answer needs generate.question_source=dataset "
+                             "(self-asked questions have no ground truth)")
+        if str(self.shared_prefix).lower() not in ("auto", "true", "false"):
+            raise ValueError(f"generate.shared_prefix must be auto, true or false, not {self.shared_prefix!r}")
+        if self.on_bad_image not in ("error", "skip"):
+            raise ValueError(f"generate.on_bad_image must be 'error' or 'skip', not {self.on_bad_image!r}")
+        for name in ("image_batch_size", "answer_batch_size", "shard_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"generate.{name} must be >= 1, got {getattr(self, name)}")
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any] | None, **overrides: Any) -> GenerationSettings:
+        cfg = dict(cfg or {})
+        values = {k: v for k, v in cfg.items() if k in cls.__dataclass_fields__ and k not in ("question", "answer")}
+        values["question"] = Sampling.from_config(cfg.get("question"), temperature=1.2, top_k=300, top_p=0.95)
+        values["answer"] = Sampling.from_config(cfg.get("answer"), temperature=1.2, top_k=100, top_p=0.95)
+        values.update(overrides)
+        if values.get("questions_per_image") is not None and int(values["questions_per_image"]) < 0:
+            values["questions_per_image"] = 0  # -1: every question of the image (dataset mode)
+        return cls(**values)
+
+    def to_json(self) -> dict[str, Any]:
+        from dataclasses import asdict
+
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class GivenQuestion:
+    """A labelled question (``question_source=dataset``)."""
+
+    question: str
+    answer: str
+    answer_type: str
+    record_id: str
+
+
+@dataclass
+class ImageTask:
+    """One image to generate for; ``image_id`` is the sha256 of its bytes."""
+
+    path: str
+    image_id: str
+    questions: list[GivenQuestion] = field(default_factory=list)
+
+
+def _dedupe_key(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
+def list_images(source: str | Path | Sequence[str | Path]) -> list[str]:
+    """Image paths from a folder (recursive, sorted), a text file with one path per line, or a list."""
+    if isinstance(source, str | Path):
+        path = Path(source).expanduser()
+        if path.is_dir():
+            files = sorted(str(p) for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+            if not files:
+                raise FileNotFoundError(f"generate.images: no image files ({sorted(IMAGE_EXTENSIONS)}) under {path}")
+            return files
+        if path.is_file() and path.suffix.lower() in (".txt", ".lst"):
+            lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+            return [str((path.parent / line) if not Path(line).is_absolute() else line) for line in lines if line]
+        if path.is_file():
+            return [str(path)]
+        raise FileNotFoundError(f"generate.images: {path} is neither a folder, a list file nor an image")
+    return [str(Path(p).expanduser()) for p in source]
+
+
+def tasks_from_paths(paths: Iterable[str], *, on_bad_image: str = "error") -> tuple[list[ImageTask], list[str]]:
+    """One task per distinct image (by content); missing files raise, or are skipped and reported."""
+    tasks: dict[str, ImageTask] = {}
+    skipped: list[str] = []
+    for path in paths:
+        try:
+            sha = sha256_file(path)
+        except OSError as err:
+            if on_bad_image != "skip":
+                raise FileNotFoundError(f"generate.images: cannot read {path}: {err}") from err
+            skipped.append(f"{path}: {err.strerror or err}")
+            continue
+        tasks.setdefault(sha, ImageTask(path=str(path), image_id=sha))
+    return list(tasks.values()), skipped
+
+
+def tasks_from_records(records: Iterable[Any], *, questions_per_image: int | None = None) -> list[ImageTask]:
+    """Group labelled VQA records by image (in order of first appearance), dropping repeated questions and
+    keeping at most ``questions_per_image`` per image (0 / None: all)."""
+    tasks: dict[str, ImageTask] = {}
+    seen: dict[str, set[str]] = {}
+    hashes: dict[str, str] = {}
+    for record in records:
+        if record.image not in hashes:
+            hashes[record.image] = sha256_file(record.image)
+        sha = hashes[record.image]
+        task = tasks.setdefault(sha, ImageTask(path=record.image, image_id=sha))
+        key = _dedupe_key(record.question)
+        if key in seen.setdefault(sha, set()):
+            continue
+        if questions_per_image and len(task.questions) >= questions_per_image:
+            continue
+        seen[sha].add(key)
+        task.questions.append(GivenQuestion(record.question, record.answer, record.answer_type, record.id))
+    return list(tasks.values())
+
+
+class ShardWriter:
+    """Appends records to ``<dir>/<prefix>-00000.jsonl``, starting a new shard every ``shard_size`` lines and
+    continuing the last shard of an earlier run."""
+
+    def __init__(self, directory: Path, *, prefix: str = SHARD_PREFIX, shard_size: int = 10000) -> None:
+        self.directory = directory
+        self.prefix = prefix
+        self.shard_size = shard_size
+        directory.mkdir(parents=True, exist_ok=True)
+        shards = sorted(directory.glob(f"{prefix}-*.jsonl"))
+        self.index = int(shards[-1].stem.rsplit("-", 1)[1]) if shards else 0
+        self.count = sum(1 for _ in read_jsonl(shards[-1])) if shards else 0
+        self._writer: JsonlWriter | None = None
+
+    @property
+    def path(self) -> Path:
+        return self.directory / f"{self.prefix}-{self.index:05d}.jsonl"
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.count >= self.shard_size:
+            self.close()
+            self.index += 1
+            self.count = 0
+        if self._writer is None:
+            self._writer = JsonlWriter(self.path)
+        self._writer.write(record)
+        self.count += 1
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+
+def read_progress(out_dir: Path) -> dict[str, dict[str, Any]]:
+    path = out_dir / PROGRESS_FILE
+    if not path.is_file():
+        return {}
+    return {str(row["image_id"]): row for row in read_jsonl(path, allow_truncated_tail=True)}
+
+
+def discard_unfinished(out_dir: Path, done: Mapping[str, Any]) -> int:
+    """Remove candidates of images not marked done (a kill between an image's candidates and its progress
+    line) and a torn last progress line; returns how many candidates were discarded."""
+    progress = out_dir / PROGRESS_FILE
+    if progress.is_file():
+        write_jsonl(progress, done.values())
+    discarded = 0
+    for shard in sorted((out_dir / "candidates").glob(f"{SHARD_PREFIX}-*.jsonl")):
+        rows = list(read_jsonl(shard, allow_truncated_tail=True))
+        kept = [r for r in rows if str(r.get("image_sha256")) in done]
+        with open(shard, "rb") as fh:
+            torn = not fh.read().endswith(b"\n") and shard.stat().st_size > 0
+        if len(kept) != len(rows) or torn:
+            discarded += len(rows) - len(kept)
+            write_jsonl(shard, kept)
+    return discarded
+
+
+# Model types whose text model takes 1-D positions from the attention mask (LLaVA-1.5 / LLaVA-Med on Llama or
+# Vicuna): for these, a prefilled and repeated KV cache continues exactly like a fresh generate. Models with
+# their own position scheme (Qwen2-VL's 3-D rope) take the plain num_return_sequences path.
+SHARED_PREFIX_MODEL_TYPES = ("llava",)
+
+
+def supports_shared_prefix(model: Any) -> bool:
+    return getattr(getattr(model, "config", None), "model_type", None) in SHARED_PREFIX_MODEL_TYPES
+
+
+def sample_sequences(backbone: Any, prompts: Sequence[str], images: Sequence[Any], *, k: int, max_new_tokens: int,
+                     shared_prefix: bool = True, **sampling: Any) -> list[str]:
+    """``k`` sampled continuations per prompt, ``k`` consecutive entries per prompt.
+
+    With ``shared_prefix`` each prompt and its image are encoded once: one forward pass fills the KV cache for
+    the batch, the cache is repeated ``k`` times, and decoding continues from it. ``generate``'s own
+    ``num_return_sequences`` repeats the *inputs* instead, so the vision tower and the prompt prefill run ``k``
+    times — the dominant cost for short answers to prompts with hundreds of image tokens. Both give the same
+    text for the same seed (tested)."""
+    import torch
+
+    from stllava_med.eval.vqa import generate_batch, model_device
+
+    if not shared_prefix or k == 1:
+        return generate_batch(backbone, prompts, images, max_new_tokens=max_new_tokens, do_sample=True,
+                              num_return_sequences=k, **sampling)
+    processor, model = backbone.processor, backbone.model
+    tokenizer = processor.tokenizer
+    previous_side = tokenizer.padding_side
+    tokenizer.padding_side = "left"  # continuations start at the same column for every row
+    try:
+        inputs = processor(text=list(prompts), images=list(images), padding=True, return_tensors="pt")
+    finally:
+        tokenizer.padding_side = previous_side
+    device = model_device(model)
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    input_ids = inputs["input_ids"].to(device)
+    attention_mask = inputs["attention_mask"].to(device)
+    extra = {key: (value.to(device, dtype=dtype) if value.is_floating_point() else value.to(device))
+             for key, value in inputs.items()
+             if isinstance(value, torch.Tensor) and key not in ("input_ids", "attention_mask")}
+    # generate() derives positions from the mask the same way; the prefill must agree with it
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            # everything but the last prompt token: generate() must have one uncached token to start from
+            prefill = model(input_ids=input_ids[:, :-1], attention_mask=attention_mask[:, :-1],
+                            position_ids=position_ids[:, :-1], use_cache=True, **extra)
+            cache = prefill.cache
+            cache.batch_repeat_interleave(k)
+            output = model.generate(
+                input_ids=input_ids.repeat_interleave(k, dim=0),
+                attention_mask=attention_mask.repeat_interleave(k, dim=0),
+                cache=cache, max_new_tokens=max_new_tokens, do_sample=True,
+                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                **{key: value for key, value in sampling.items() if value is not None},
+            )
+    finally:
+        model.train(was_training)
+    new_tokens = output[:, input_ids.shape[1]:]
+    return [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+
+
+def batch_seed(seed: int, batch_index: int) -> int:
+    return int(stable_hash({"seed": seed, "batch": batch_index}, n=8), 16) % (2**31 - 1)
+
+
+class CandidateGenerator:
+    """Runs the three generation steps for batches of images with one backbone."""
+
+    def __init__(self, backbone: Any, fmt: Any, settings: GenerationSettings) -> None:
+        self.backbone = backbone
+        self.fmt = fmt
+        self.settings = settings
+        self.counts: Counter = Counter()
+        choice = str(settings.shared_prefix).lower()
+        self.shared_prefix = supports_shared_prefix(backbone.model) if choice == "auto" else choice == "true"
+
+    # -- prompts ----------------------------------------------------------------------------------------------
+
+    def describe_prompt(self) -> str:
+        from stllava_med.chat import Turn, prompt_text
+
+        return prompt_text(self.backbone.processor, [Turn("user", self.fmt.describe_instruction)], "assistant", self.fmt)
+
+    def question_prompt(self, description: str | None) -> str:
+        from stllava_med.chat import Turn, prompt_text
+
+        turns: list[Turn] = []
+        if description is not None:
+            turns = [Turn("user", self.fmt.describe_instruction), Turn("assistant", description)]
+        if self.settings.question_prompt == "questioner":
+            return prompt_text(self.backbone.processor, turns, "questioner", self.fmt)
+        return prompt_text(self.backbone.processor, [*turns, Turn("user", self.fmt.question_instruction)],
+                           "assistant", self.fmt)
+
+    def answer_prompt(self, question: str) -> str:
+        from stllava_med.chat import prompt_text, vqa_turns
+
+        return prompt_text(self.backbone.processor, vqa_turns(question), "assistant", self.fmt)
+
+    # -- sampling with deduplication -------------------------------------------------------------------------
+
+    def _sample_distinct(self, prompts: Sequence[str], images: Sequence[Any], want: int, sampling: Sampling,
+                         rounds: int, kind: str) -> list[list[str]]:
+        """Up to ``want`` distinct non-empty samples per prompt: one ``num_return_sequences=want`` call, then
+        up to ``rounds`` more for prompts still short (duplicates and empty samples are dropped, counted)."""
+        results: list[list[str]] = [[] for _ in prompts]
+        seen: list[set[str]] = [set() for _ in prompts]
+        for _ in range(1 + rounds):
+            pending = [i for i in range(len(prompts)) if len(results[i]) < want]
+            if not pending:
+                break
+            texts = sample_sequences(self.backbone, [prompts[i] for i in pending], [images[i] for i in pending],
+                                     k=want, max_new_tokens=sampling.max_new_tokens,
+                                     shared_prefix=self.shared_prefix, **sampling.kwargs())
+            self.counts[f"{kind}_sampled"] += len(texts)
+            for slot, i in enumerate(pending):
+                for text in texts[slot * want:(slot + 1) * want]:
+                    text = text.strip()
+                    key = _dedupe_key(text)
+                    if not key:
+                        self.counts[f"{kind}_empty_dropped"] += 1
+                    elif key in seen[i]:
+                        self.counts[f"{kind}_duplicates_dropped"] += 1
+                    elif len(results[i]) < want:
+                        seen[i].add(key)
+                        results[i].append(text)
+        return results
+
+    # -- one batch ----------------------------------------------------------------------------------------------
+
+    def run_batch(self, tasks: Sequence[ImageTask], images: Sequence[Any]) -> list[tuple[list[Candidate], dict[str, Any]]]:
+        """Candidates (and a progress record) per task of a batch whose images are loaded."""
+        settings = self.settings
+        from stllava_med.eval.vqa import generate_batch
+
+        descriptions: list[str | None] = [None] * len(tasks)
+        questions: list[list[GivenQuestion]] = []
+        if settings.question_source == "self":
+            if settings.describe:
+                descriptions = list(generate_batch(self.backbone, [self.describe_prompt()] * len(tasks), list(images),
+                                                   max_new_tokens=settings.describe_max_new_tokens))
+            asked = self._sample_distinct([self.question_prompt(d) for d in descriptions], images,
+                                          settings.questions_per_image, settings.question,
+                                          settings.max_question_rounds, "questions")
+            for per_image in asked:
+                if len(per_image) < settings.questions_per_image:
+                    self.counts["images_with_fewer_questions"] += 1
+                questions.append([GivenQuestion(q, "", "", "") for q in per_image])
+        else:
+            questions = [list(t.questions) for t in tasks]
+        flat = [(i, q) for i, per_image in enumerate(questions) for q in per_image]
+        answers: list[list[str]] = []
+        size = settings.answer_batch_size
+        for start in range(0, len(flat), size):
+            chunk = flat[start:start + size]
+            answers.extend(self._sample_distinct([self.answer_prompt(q.question) for _, q in chunk],
+                                                 [images[i] for i, _ in chunk], settings.answers_per_question,
+                                                 settings.answer, settings.max_answer_rounds, "answers"))
+        out: list[tuple[list[Candidate], dict[str, Any]]] = [([], {}) for _ in tasks]
+        policy = getattr(self.backbone, "name_or_path", None) or getattr(self.backbone, "name", None)
+        for (i, given), sampled in zip(flat, answers):
+            task = tasks[i]
+            dataset = settings.question_source == "dataset"
+            meta: dict[str, Any] = {"record_id": given.record_id} if dataset else {}
+            if settings.include_reference_answer:
+                # the ground truth joins the sampled answers (unless the policy already said it): a bootstrap
+                # for policies too weak to ever be right, at the price of off-policy chosen answers
+                keys = [_dedupe_key(a) for a in sampled]
+                if _dedupe_key(given.answer) in keys:
+                    meta["reference_answer_index"] = keys.index(_dedupe_key(given.answer))
+                else:
+                    meta["reference_answer_index"] = len(sampled)
+                    sampled = [*sampled, given.answer]
+                    self.counts["reference_answers_added"] += 1
+            if len(sampled) < 2:
+                self.counts["questions_dropped_fewer_than_2_answers"] += 1
+                continue
+            if len(sampled) < settings.answers_per_question:
+                self.counts["questions_with_fewer_answers"] += 1
+            out[i][0].append(Candidate(
+                id=candidate_id(task.image_id, given.question), image=task.path, image_sha256=task.image_id,
+                question=given.question, answers=sampled, question_source=settings.question_source,
+                description=descriptions[i], reference_answer=given.answer if dataset else None,
+                answer_type=given.answer_type if dataset else None, policy=str(policy) if policy else None,
+                meta=meta,
+            ))
+        for i, task in enumerate(tasks):
+            out[i] = (out[i][0], {"image_id": task.image_id, "image": task.path, "questions": len(questions[i]),
+                                  "candidates": len(out[i][0]),
+                                  "answers": sum(len(c.answers) for c in out[i][0])})
+        return out
+
+
+def generate_candidates(backbone: Any, fmt: Any, tasks: Sequence[ImageTask], settings: GenerationSettings,
+                        out_dir: str | Path) -> dict[str, Any]:
+    """Generate candidates for ``tasks`` (resuming what ``out_dir`` already holds); returns the run summary."""
+    from stllava_med.data.vqa import ImageError, load_image
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if settings.max_images is not None:
+        tasks = list(tasks)[: settings.max_images]
+    done = read_progress(out_dir)
+    discarded = discard_unfinished(out_dir, done)
+    if discarded:
+        log.warning("generate: discarded %d candidates of images a previous run did not finish", discarded)
+    todo_total = sum(1 for t in tasks if t.image_id not in done)
+    if done:
+        log.info("generate: resuming, %d/%d images already done", len(tasks) - todo_total, len(tasks))
+    generator = CandidateGenerator(backbone, fmt, settings)
+    shards = ShardWriter(out_dir / "candidates", shard_size=settings.shard_size)
+    progress = JsonlWriter(out_dir / PROGRESS_FILE)
+    started = time.perf_counter()
+    processed = 0
+    this_run = Counter()
+    bar = tqdm(total=len(tasks), initial=len(tasks) - todo_total, desc="generate", unit="img",
+               disable=not settings.progress, dynamic_ncols=True)
+    try:
+        import torch
+
+        for batch_index, start in enumerate(range(0, len(tasks), settings.image_batch_size)):
+            batch = [t for t in tasks[start:start + settings.image_batch_size] if t.image_id not in done]
+            if not batch:
+                continue
+            loaded, images = [], []
+            for task in batch:
+                try:
+                    images.append(load_image(task.path, record_id=task.image_id[:12]))
+                    loaded.append(task)
+                except ImageError as err:
+                    if settings.on_bad_image != "skip":
+                        raise
+                    row = {"image_id": task.image_id, "image": task.path, "questions": 0, "candidates": 0,
+                           "answers": 0, "skipped": str(err)}
+                    progress.write(row)
+                    done[task.image_id] = row
+                    this_run["images_skipped"] += 1
+            batch_started = time.perf_counter()
+            if loaded:
+                torch.manual_seed(batch_seed(settings.seed, batch_index))
+                results = generator.run_batch(loaded, images)
+                seconds = round((time.perf_counter() - batch_started) / len(loaded), 4)
+                for candidates, row in results:
+                    for candidate in candidates:
+                        shards.write(candidate.to_json())
+                    row["seconds"] = seconds
+                    progress.write(row)  # after its candidates: the marker that the image is complete
+                    done[row["image_id"]] = row
+                    this_run["images"] += 1
+                    this_run["candidates"] += row["candidates"]
+                    this_run["answers"] += row["answers"]
+            processed += len(batch)
+            bar.update(len(batch))
+            elapsed = time.perf_counter() - started
+            bar.set_postfix(img_s=f"{processed / max(elapsed, 1e-9):.3f}", cand=this_run["candidates"], refresh=False)
+    finally:
+        bar.close()
+        shards.close()
+        progress.close()
+    elapsed = time.perf_counter() - started
+    rows = [done[t.image_id] for t in tasks if t.image_id in done]
+    summary = {
+        "images": len(tasks),
+        "images_done": len(rows),
+        "images_skipped": sum(1 for r in rows if r.get("skipped")),
+        "questions": sum(int(r.get("questions", 0)) for r in rows),
+        "candidates": sum(int(r.get("candidates", 0)) for r in rows),
+        "answers": sum(int(r.get("answers", 0)) for r in rows),
+        "complete": len(rows) == len(tasks),
+        "this_run": {"images": this_run["images"], "images_skipped": this_run["images_skipped"],
+                     "candidates": this_run["candidates"], "answers": this_run["answers"],
+                     "seconds": round(elapsed, 3),
+                     "images_per_s": round(this_run["images"] / elapsed, 4) if this_run["images"] and elapsed > 0 else None,
+                     "discarded_partial_candidates": discarded, **dict(generator.counts)},
+        "skipped_examples": [r["skipped"] for r in rows if r.get("skipped")][:10],
+        "candidates_dir": str(out_dir / "candidates"),
+    }
+    return summary

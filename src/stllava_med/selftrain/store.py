@@ -1,0 +1,171 @@
+"""The judgement store: SQLite in WAL mode, one row per judgement keyed by :func:`judgement_key`, plus one row
+per request sent to the expert (for budgets and audits).
+
+Every judgement is committed before the runner moves on, so a run killed at any moment (SIGKILL, preemption,
+a SLURM time limit) loses no answer it received, and its successor asks only what is missing. WAL lets readers
+(a progress monitor, a test, the pair builder) read while the judge writes. ``synchronous=NORMAL`` makes a
+commit survive a crash of the process; ``FULL`` also an OS crash or power loss, at one fsync per commit.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from stllava_med.selftrain.records import Judgement
+
+SCHEMA_VERSION = 1
+SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS judgements (
+    key TEXT PRIMARY KEY,
+    candidate_id TEXT NOT NULL,
+    expert TEXT NOT NULL,
+    status TEXT NOT NULL,
+    retryable INTEGER NOT NULL,
+    record TEXT NOT NULL,
+    created_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS judgements_candidate ON judgements (candidate_id);
+CREATE TABLE IF NOT EXISTS requests (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    key TEXT NOT NULL,
+    attempt INTEGER NOT NULL,
+    outcome TEXT NOT NULL,
+    detail TEXT,
+    prompt_tokens INTEGER NOT NULL,
+    completion_tokens INTEGER NOT NULL,
+    cost_usd REAL NOT NULL,
+    seconds REAL NOT NULL,
+    created_at REAL NOT NULL
+);
+"""
+
+
+@dataclass(frozen=True)
+class Usage:
+    """What a store has spent, over every run that wrote to it."""
+
+    requests: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_usd: float = 0.0
+
+    @property
+    def tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+class JudgementStore:
+    """A SQLite file of judgements. Use from one thread (the judge's event loop); open as many read-only
+    readers elsewhere as you like."""
+
+    def __init__(self, path: str | Path, *, synchronous: str = "NORMAL", readonly: bool = False) -> None:
+        self.path = Path(path)
+        synchronous = str(synchronous).upper()
+        if synchronous not in SYNCHRONOUS:
+            raise ValueError(f"store synchronous must be one of {SYNCHRONOUS}, not {synchronous!r}")
+        if readonly:
+            if not self.path.is_file():
+                raise FileNotFoundError(f"judgement store {self.path} does not exist")
+            self._db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=30)
+        else:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(self.path, timeout=30)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute(f"PRAGMA synchronous={synchronous}")
+            with self._db:
+                self._db.executescript(_SCHEMA)
+                self._db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+        version = self.meta("schema_version")
+        if version is not None and int(version) != SCHEMA_VERSION:
+            raise ValueError(f"{self.path}: judgement store schema {version}, this code reads {SCHEMA_VERSION}")
+
+    # -- metadata ------------------------------------------------------------------------------------------------
+
+    def meta(self, name: str) -> str | None:
+        row = self._db.execute("SELECT value FROM meta WHERE name = ?", (name,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def set_meta(self, name: str, value: str) -> None:
+        with self._db:
+            self._db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (name, value))
+
+    # -- judgements ----------------------------------------------------------------------------------------------
+
+    def put(self, judgement: Judgement, *, request: dict | None = None) -> None:
+        """Commit a judgement (replacing an earlier failure of the same key), together with the request that
+        produced it, in one transaction."""
+        with self._db:
+            self._db.execute(
+                "INSERT OR REPLACE INTO judgements VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (judgement.key, judgement.candidate_id, judgement.expert, judgement.status, int(judgement.retryable),
+                 json.dumps(judgement.to_json(), ensure_ascii=False), judgement.created_at or time.time()),
+            )
+            if request is not None:
+                self._insert_request(judgement.key, **request)
+
+    def log_request(self, key: str, *, attempt: int, outcome: str, detail: str | None = None,
+                    prompt_tokens: int = 0, completion_tokens: int = 0, cost_usd: float = 0.0,
+                    seconds: float = 0.0) -> None:
+        """Record one request that did not (yet) produce a judgement: a retry, a malformed reply."""
+        with self._db:
+            self._insert_request(key, attempt=attempt, outcome=outcome, detail=detail, prompt_tokens=prompt_tokens,
+                                 completion_tokens=completion_tokens, cost_usd=cost_usd, seconds=seconds)
+
+    def _insert_request(self, key: str, *, attempt: int, outcome: str, detail: str | None = None,
+                        prompt_tokens: int = 0, completion_tokens: int = 0, cost_usd: float = 0.0,
+                        seconds: float = 0.0) -> None:
+        self._db.execute(
+            "INSERT INTO requests (key, attempt, outcome, detail, prompt_tokens, completion_tokens, cost_usd, "
+            "seconds, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (key, attempt, outcome, detail, prompt_tokens, completion_tokens, cost_usd, seconds, time.time()),
+        )
+
+    def get(self, key: str) -> Judgement | None:
+        row = self._db.execute("SELECT record FROM judgements WHERE key = ?", (key,)).fetchone()
+        return None if row is None else Judgement.from_json(json.loads(row[0]), where=f"{self.path}: {key}")
+
+    def statuses(self) -> dict[str, tuple[str, bool]]:
+        """key → (status, retryable) for every stored judgement."""
+        return {k: (s, bool(r)) for k, s, r in self._db.execute("SELECT key, status, retryable FROM judgements")}
+
+    def judgements(self, keys: Iterable[str] | None = None) -> Iterator[Judgement]:
+        if keys is None:
+            rows = self._db.execute("SELECT key, record FROM judgements ORDER BY created_at, key")
+            for key, record in rows:
+                yield Judgement.from_json(json.loads(record), where=f"{self.path}: {key}")
+            return
+        for key in keys:
+            judgement = self.get(key)
+            if judgement is not None:
+                yield judgement
+
+    def count(self, status: str | None = None) -> int:
+        if status is None:
+            return int(self._db.execute("SELECT COUNT(*) FROM judgements").fetchone()[0])
+        return int(self._db.execute("SELECT COUNT(*) FROM judgements WHERE status = ?", (status,)).fetchone()[0])
+
+    def usage(self) -> Usage:
+        row = self._db.execute(
+            "SELECT COUNT(*), COALESCE(SUM(prompt_tokens), 0), COALESCE(SUM(completion_tokens), 0), "
+            "COALESCE(SUM(cost_usd), 0.0) FROM requests").fetchone()
+        return Usage(int(row[0]), int(row[1]), int(row[2]), float(row[3]))
+
+    def request_outcomes(self) -> dict[str, int]:
+        return {o: int(n) for o, n in self._db.execute("SELECT outcome, COUNT(*) FROM requests GROUP BY outcome")}
+
+    def close(self) -> None:
+        self._db.close()
+
+    def __enter__(self) -> JudgementStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
