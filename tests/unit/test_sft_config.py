@@ -56,5 +56,5 @@ def test_paper_experiment(compose_config):
 def test_tiny_experiment(compose_config):
     cfg = compose_config("sft", ["experiment=sft_tiny"])
     assert cfg.backbone.name == "tiny" and list(dataset_specs(cfg.data)) == ["vqa_rad_sample_train"]
-    assert cfg.trainer.max_steps == 200 and cfg.trainer.max_epochs == -1 and cfg.data.batch_size == 2
+    assert cfg.trainer.max_steps == 300 and cfg.trainer.max_epochs == -1 and cfg.data.batch_size == 2
     assert cfg.sft.sq_ratio == 0.5 and cfg.sft.lr == 5e-3
