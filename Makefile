@@ -35,7 +35,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
 
 demo: $(STAMP)
-	$(PY) -m stllava_med.evaluate backbone=tiny data=vqa_rad_sample
+	$(PY) -m stllava_med.pipeline experiment=demo
 
 bench: $(STAMP)
 	$(PY) -m pip install -q -e ".[dev,bench]"

@@ -1,0 +1,322 @@
+"""The whole method, one command: stage-1 SFT → generate → judge → pairs → DPO → evaluate (stage-1 and DPO side by side).
+
+    python -m stllava_med.pipeline experiment=demo                      # the offline demo (make demo)
+    python -m stllava_med.pipeline backbone=llava15_7b expert=openai ...  # the paper's recipe
+    python -m stllava_med.pipeline -m dpo.beta=0.05,0.1,0.5 data.fraction=0.09,0.25,0.5,1.0
+
+Each stage runs from its own config (``conf/<stage>.yaml``), composed with ``stage_overrides.<stage>`` and
+then overlaid with the pipeline's sections of the same name (``sft``, ``generate``, ``pairs``, ``dpo``,
+``optim``, ``data`` for the DPO pairs, ``eval``) and the pipeline's ``backbone`` / ``expert``. The stage's
+directory is ``<root>/round<r>/<stage>-<hash of its config>``; its config names the upstream directories, so
+the hash chains: a finished stage (``DONE.json``) is reused, a crash resumes the stage that was running, and
+changing β reruns only DPO and the evaluation of the DPO model. Parallel sweep jobs share ``<root>``: a file
+lock per stage makes the first job run a shared stage and the others wait for it and reuse it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from stllava_med.utils import config as _config  # noqa: F401  (registers resolvers)
+from stllava_med.utils.config import config_fingerprint, project_root
+from stllava_med.utils.io import atomic_write_json, atomic_write_text
+
+log = logging.getLogger("stllava_med.pipeline")
+
+STAGES = ("sft", "generate", "judge", "dpo", "evaluate")
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Composing one stage's config
+# --------------------------------------------------------------------------------------------------------------
+
+
+def compose_stage(name: str, overrides: list[str]) -> DictConfig:
+    """``conf/<name>.yaml`` with ``overrides``, exactly as ``python -m stllava_med.<stage>`` would compose it."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    if GlobalHydra.instance().is_initialized():
+        return compose(config_name=name, overrides=overrides)
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name=name, overrides=overrides)
+
+
+def _plain(node: Any) -> Any:
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+
+
+def _drop_nulls(value: Any) -> Any:
+    if isinstance(value, dict):
+        kept = {k: _drop_nulls(v) for k, v in value.items() if v is not None}
+        return {k: v for k, v in kept.items() if v != {}}
+    return value
+
+
+def _overlay(base: DictConfig, key: str, section: Any) -> None:
+    """Merge the pipeline's ``section`` over ``base[key]``; null values keep the stage's own default."""
+    values = _drop_nulls(_plain(section)) if section is not None else None
+    if not values:
+        return
+    OmegaConf.set_struct(base, False)
+    base[key] = OmegaConf.merge(base.get(key) or {}, OmegaConf.create(values))
+
+
+def stage_config(cfg: DictConfig, stage: str, *, backbone: dict[str, Any] | None = None,
+                 **fields: Any) -> DictConfig:
+    """The config a stage runs with inside the pipeline."""
+    compose_name = {"sft": "sft", "generate": "generate", "judge": "judge", "dpo": "dpo", "evaluate": "evaluate"}[stage]
+    overrides = [str(o) for o in (cfg.stage_overrides.get(stage) or [])]
+    stage_cfg = compose_stage(compose_name, overrides)
+    OmegaConf.set_struct(stage_cfg, False)
+    if backbone is not None:
+        stage_cfg.backbone = OmegaConf.create(backbone)
+    for key in ("seed", "num_threads"):
+        if cfg.get(key) is not None:
+            stage_cfg[key] = cfg[key]
+    sections = {"sft": ["sft"], "generate": ["generate"], "judge": ["pairs"], "dpo": ["dpo", "optim", "data"],
+                "evaluate": ["eval"]}[stage]
+    for key in sections:
+        _overlay(stage_cfg, key, cfg.get(key))
+    if stage == "judge":
+        stage_cfg.expert = OmegaConf.create(_plain(cfg.expert))
+    for key, value in fields.items():
+        OmegaConf.update(stage_cfg, key, value, force_add=True)
+    return stage_cfg
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Running a stage once
+# --------------------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def run_stage(label: str, stage_dir: Path, runner: Callable[[Path], dict[str, Any]]) -> dict[str, Any]:
+    """Run ``runner(stage_dir)`` unless ``stage_dir/DONE.json`` says it already finished; record its summary."""
+    done = stage_dir / "DONE.json"
+    with _locked(stage_dir.parent / f".{stage_dir.name}.lock"):
+        if done.is_file():
+            log.info("%s: reusing the finished stage in %s", label, stage_dir)
+            return {**json.loads(done.read_text()), "reused": True}
+        log.info("%s: running in %s", label, stage_dir)
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        summary = runner(stage_dir)
+        record = {"label": label, "dir": str(stage_dir), "summary": summary}
+        atomic_write_json(done, record)
+        return {**record, "reused": False}
+
+
+def _stage_dir(root: Path, group: str, stage: str, stage_cfg: DictConfig) -> Path:
+    return root / group / f"{stage}-{config_fingerprint(stage_cfg)}"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The pipeline
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _policy_backbone(base: dict[str, Any], name_or_path: str, name: str) -> dict[str, Any]:
+    policy = dict(base)
+    policy["name_or_path"] = name_or_path
+    policy["name"] = name
+    policy["adapter_path"] = None
+    return policy
+
+
+def _merged_dir(summary: dict[str, Any], stage: str) -> str:
+    inner = summary.get("summary", summary)
+    merged = inner.get("merged_dir") or (inner.get("export") or {}).get("merged")
+    if not merged:
+        raise RuntimeError(f"{stage} produced no merged model to continue from ({inner.get('merge_error') or inner})")
+    return str(merged)
+
+
+def pipeline_root(cfg: DictConfig) -> Path:
+    if cfg.get("out_dir"):
+        return Path(str(cfg.out_dir)).expanduser().resolve()
+    return project_root() / "logs" / "runs" / "pipeline" / str(cfg.run_name)
+
+
+def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
+    from stllava_med.evaluate import run_evaluate
+    from stllava_med.generate import run_generate
+    from stllava_med.judge import run_judge
+    from stllava_med.train_sft import run_train_sft
+    from stllava_med.utils.config import save_config
+    from stllava_med.utils.runtime import finish_run
+
+    root = pipeline_root(cfg)
+    root.mkdir(parents=True, exist_ok=True)
+    enabled = {s: bool((cfg.pipeline.get("stages") or {}).get(s, True)) for s in STAGES}
+    base_backbone = _plain(cfg.backbone)
+    stages: dict[str, Any] = {}
+
+    def run(label: str, group: str, stage: str, stage_cfg: DictConfig, fn: Callable[[DictConfig, Path], Any]) -> dict:
+        stage_dir = _stage_dir(root, group, stage, stage_cfg)
+
+        def runner(out_dir: Path) -> dict[str, Any]:
+            with open_dict(stage_cfg):
+                stage_cfg.out_dir = str(out_dir)
+            return _plain(fn(stage_cfg, out_dir)) or {}
+
+        stages[label] = run_stage(label, stage_dir, runner)
+        return stages[label]
+
+    # ---- stage 1: visual self-questioning SFT
+    policy = base_backbone
+    if enabled["sft"]:
+        sft_cfg = stage_config(cfg, "sft", backbone=base_backbone)
+        sft = run("sft", "round0", "sft", sft_cfg, lambda c, d: run_train_sft(c))
+        policy = _policy_backbone(base_backbone, _merged_dir(sft, "sft"), f"{base_backbone['name']}-sft")
+
+    evaluations: dict[str, dict[str, Any]] = {}
+
+    def evaluate(label: str, backbone: dict[str, Any]) -> None:
+        if not enabled["evaluate"]:
+            return
+        eval_cfg = stage_config(cfg, "evaluate", backbone=backbone, print_table=False)
+        result = run(f"evaluate/{label}", "eval", f"evaluate-{label}", eval_cfg, lambda c, d: run_evaluate(c, d))
+        evaluations[label] = result["summary"]
+
+    if cfg.pipeline.get("evaluate_stage1", True):
+        evaluate("stage1", policy)
+
+    # ---- stage 2, repeated: round r generates with round r-1's policy
+    dpo_summaries: dict[str, dict[str, Any]] = {}
+    for round_index in range(1, int(cfg.pipeline.rounds) + 1):
+        group = f"round{round_index}"
+        if not enabled["generate"]:
+            break
+        gen_cfg = stage_config(cfg, "generate", backbone=policy, print_summary=False)
+        gen = run(f"{group}/generate", group, "generate", gen_cfg, lambda c, d: run_generate(c, d))
+        if not enabled["judge"]:
+            break
+        judge_cfg = stage_config(cfg, "judge", candidates=gen["dir"], print_summary=False)
+        judged = run(f"{group}/judge", group, "judge", judge_cfg, lambda c, d: _complete_judge(run_judge(c, d)))
+        if int(judged["summary"].get("pairs", 0)) == 0:
+            raise RuntimeError(f"{group}: the judge produced no preference pairs (see {judged['dir']}/summary.json)")
+        if not enabled["dpo"]:
+            break
+        from stllava_med.train_dpo import run_train_dpo
+
+        dpo_cfg = stage_config(cfg, "dpo", backbone=_policy_backbone(policy, policy["name_or_path"], policy["name"]),
+                               **{"data.path": str(Path(judged["dir"]) / "preference")})
+        dpo = run(f"{group}/dpo", group, "dpo", dpo_cfg, lambda c, d: run_train_dpo(c, out_dir=d))
+        dpo_summaries[group] = dpo["summary"]
+        policy = _policy_backbone(base_backbone, _merged_dir(dpo, "dpo"), f"{base_backbone['name']}-dpo{round_index}")
+        evaluate(f"dpo_round{round_index}", policy)
+
+    summary = {"root": str(root), "stages": {k: {"dir": v["dir"], "reused": v["reused"]} for k, v in stages.items()},
+               "evaluations": evaluations, "dpo": dpo_summaries, "final_policy": policy["name_or_path"]}
+    table = comparison_table(evaluations, dpo_summaries)
+    summary["table"] = table
+    atomic_write_text(root / "table.md", table)
+    plot = comparison_plot(evaluations, root / "comparison.png")
+    summary["plot"] = str(plot) if plot else None
+    atomic_write_json(root / "pipeline_summary.json", summary)
+    save_config(cfg, root, name="pipeline_config.yaml")
+    finish_run(root, "pipeline", {"metrics": {label: {ds: {k: m.get(k) for k in _METRICS} for ds, m in ev.items()
+                                                      if isinstance(m, dict)} for label, ev in evaluations.items()},
+                                  "dpo": {g: {"train_reward_accuracy": s.get("train", {}).get("rewards/accuracy"),
+                                              "val_reward_accuracy": s.get("val", {}).get("rewards/accuracy")}
+                                          for g, s in dpo_summaries.items()}})
+    return summary
+
+
+def _complete_judge(summary: dict[str, Any]) -> dict[str, Any]:
+    """A judge run that stopped early (budget, dead expert) must not be recorded as a finished stage."""
+    if not summary.get("complete", False):
+        raise RuntimeError(f"judge stopped before judging every candidate ({summary.get('stopped')}); "
+                           "raise the budget or fix the expert and rerun the same command to continue")
+    return summary
+
+
+_METRICS = ("open_recall", "open_f1", "closed_accuracy", "closed_accuracy_strict", "n_open", "n_closed")
+
+
+def comparison_table(evaluations: dict[str, dict[str, Any]], dpo: dict[str, dict[str, Any]]) -> str:
+    """Stage-1 vs DPO models, per dataset: the four VQA metrics and the DPO reward accuracy (train / val)."""
+    lines = ["| model | dataset | open recall | open F1 | closed acc. | closed acc. (strict) | n open | n closed | "
+             "DPO reward acc. (train / val) |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for label, per_dataset in evaluations.items():
+        group = label.replace("dpo_", "") if label.startswith("dpo_") else None
+        reward = "—"
+        if group and group in dpo:
+            train_acc = dpo[group].get("train", {}).get("rewards/accuracy")
+            val_acc = dpo[group].get("val", {}).get("rewards/accuracy")
+            reward = " / ".join("—" if v is None else f"{v:.2f}" for v in (train_acc, val_acc))
+        for dataset, m in per_dataset.items():
+            if not isinstance(m, dict) or "open_recall" not in m:
+                continue
+            lines.append(f"| {label} | {dataset} | {m['open_recall']:.2f} | {m['open_f1']:.2f} | "
+                         f"{m['closed_accuracy']:.2f} | {m['closed_accuracy_strict']:.2f} | {m['n_open']} | "
+                         f"{m['n_closed']} | {reward} |")
+    return "\n".join(lines) + "\n"
+
+
+def comparison_plot(evaluations: dict[str, dict[str, Any]], path: Path) -> Path | None:
+    """Grouped bars: each VQA metric, one bar per model, for the first dataset."""
+    if not evaluations:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = list(evaluations)
+    dataset = next((d for d, m in evaluations[labels[0]].items() if isinstance(m, dict) and "open_recall" in m), None)
+    if dataset is None:
+        return None
+    metrics = _METRICS[:4]
+    fig, ax = plt.subplots(figsize=(6.5, 3.6))
+    width = 0.8 / len(labels)
+    for i, label in enumerate(labels):
+        m = evaluations[label].get(dataset, {})
+        values = [float(m.get(k, 0.0)) for k in metrics]
+        bars = ax.bar([x + i * width for x in range(len(metrics))], values, width, label=label)
+        ax.bar_label(bars, fmt="%.1f", fontsize=7)
+    ax.set_xticks([x + width * (len(labels) - 1) / 2 for x in range(len(metrics))])
+    ax.set_xticklabels(["open recall", "open F1", "closed acc.", "closed strict"])
+    ax.set_ylabel("score (×100)")
+    ax.set_title(f"zero-shot VQA on {dataset}: stage-1 vs DPO")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+@hydra.main(version_base="1.3", config_path="../../conf", config_name="pipeline")
+def main(cfg: DictConfig) -> None:
+    summary = run_pipeline(cfg)
+    print(f"\nSTLLaVA-Med pipeline — {summary['root']}\n\n{summary['table']}")
+    reused = [k for k, v in summary["stages"].items() if v["reused"]]
+    if reused:
+        print(f"reused finished stages: {', '.join(reused)}")
+    if summary.get("plot"):
+        print(f"plot: {summary['plot']}")
+
+
+if __name__ == "__main__":
+    main()
