@@ -69,6 +69,19 @@ def load_sft_records(data_cfg: Any) -> tuple[list[Any], dict[str, Any]]:
     return records, reports
 
 
+def unfreeze_for_full_finetune(model: Any, *, train_vision: bool = False) -> int:
+    """Full fine-tuning: every weight trains except the vision tower (unless ``train_vision``). For backbones
+    whose base was never pretrained — the tiny one is randomly initialised — low-rank adapters cannot teach
+    the model a vocabulary; pretrained backbones use LoRA as the paper does."""
+    if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
+        raise ValueError("sft.finetune=full cannot train a 4-bit/8-bit base; use sft.finetune=lora (QLoRA)")
+    count = 0
+    for name, param in model.named_parameters():
+        param.requires_grad = train_vision or "vision_tower" not in name
+        count += param.numel() if param.requires_grad else 0
+    return count
+
+
 def run_train_sft(cfg: DictConfig, *, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
     """Train stage 1 from ``cfg`` (composed ``conf/sft.yaml``) and export; returns the run summary.
 
@@ -106,8 +119,13 @@ def run_train_sft(cfg: DictConfig, *, callbacks: Sequence[Any] = ()) -> dict[str
     log.info("sft: %d training / %d validation conversations (fraction %s)", len(train), len(val),
              data.get("fraction", 1.0))
 
-    backbone = load_backbone(_plain(cfg.backbone), with_lora=True,
+    finetune = str(sft.get("finetune", "lora"))
+    if finetune not in ("lora", "full"):
+        raise ValueError(f"sft.finetune must be 'lora' or 'full', not {finetune!r}")
+    backbone = load_backbone(_plain(cfg.backbone), with_lora=finetune == "lora",
                              gradient_checkpointing=bool(sft.get("gradient_checkpointing", False)))
+    if finetune == "full":
+        unfreeze_for_full_finetune(backbone.model, train_vision=bool((cfg.backbone.get("lora") or {}).get("vision")))
     fmt = ChatFormat.from_config(_plain(cfg.backbone.get("chat")))
     settings = SFTDataSettings.from_mapping({**data, "sq_ratio": float(sft.get("sq_ratio", 0.5)),
                                              "seed": int(cfg.get("seed") or 0)})
