@@ -276,6 +276,11 @@ def parse_dtype(value: str | torch.dtype | None) -> torch.dtype | str | None:
         raise ValueError(f"unknown dtype {value!r}; use one of {sorted(_DTYPES)} or 'auto'") from None
 
 
+# Modules bitsandbytes must leave in full precision. transformers 5 matches these against full module names
+# from the start (as regexes, up to a module boundary) or as suffixes, so the towers need a leading ``.*``.
+BNB_SKIP_MODULES = [r".*vision_tower", r".*multi_modal_projector", r".*visual", "lm_head"]
+
+
 def quantization_config(quantization: str | None, compute_dtype: str | None = "bfloat16", quant_type: str = "nf4",
                         double_quant: bool = True) -> Any:
     """bitsandbytes config for ``4bit`` / ``8bit`` (QLoRA), or None."""
@@ -291,12 +296,12 @@ def quantization_config(quantization: str | None, compute_dtype: str | None = "b
             bnb_4bit_compute_dtype=parse_dtype(compute_dtype) or torch.float32,
             bnb_4bit_use_double_quant=double_quant,
             # the vision tower and projector stay in full precision, as in QLoRA recipes for LLaVA
-            llm_int8_skip_modules=["vision_tower", "multi_modal_projector", "visual", "lm_head"],
+            llm_int8_skip_modules=list(BNB_SKIP_MODULES),
         )
     if q in ("8bit", "8", "int8"):
         return BitsAndBytesConfig(
             load_in_8bit=True,
-            llm_int8_skip_modules=["vision_tower", "multi_modal_projector", "visual", "lm_head"],
+            llm_int8_skip_modules=list(BNB_SKIP_MODULES),
         )
     raise ValueError(f"unknown quantization {quantization!r}; use null, '4bit' or '8bit'")
 
