@@ -646,11 +646,14 @@ class PreferenceBatches(IterableDataset):
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         if workers != self.num_workers:
             raise RuntimeError(f"PreferenceBatches was built for {self.num_workers} workers but runs in {workers}")
-        slot = self.rank * self.num_workers + worker
-        # The DataLoader takes batches from its workers in turn; all workers have equally many, so the first
-        # ``skip_batches`` global batches are each worker's first ceil((skip - worker) / workers). Skipped
-        # batches are read (the shuffle buffer needs them) but their images are never loaded.
-        skip = max(0, math.ceil((self.skip_batches - worker) / workers))
+        # The DataLoader takes batches from its workers in turn, starting with worker 0, and all slots have
+        # equally many: after ``skip_batches`` global batches the next one is slot ``skip mod workers``'s, so a
+        # resumed worker takes over the slot that keeps the original order, minus that slot's
+        # ceil((skip - role) / workers) batches already trained on. Skipped batches are read (the shuffle
+        # buffer needs them) but their images are never loaded.
+        role = (worker + self.skip_batches) % workers
+        slot = self.rank * self.num_workers + role
+        skip = max(0, math.ceil((self.skip_batches - role) / workers))
         for index, items in enumerate(self.slot_batches(slot)):
             if index >= skip:
                 yield self.collator(items)
@@ -725,6 +728,8 @@ class PreferenceDataModule(LightningDataModule):
         self.train_entries: list[ScanEntry] = []
         self.val_entries: list[ScanEntry] = []
         self.summary: dict[str, Any] = {}
+        self._train_loader: PreferenceLoader | None = None
+        self._loader_state: dict[str, int] | None = None
 
     # ---- rank / world ------------------------------------------------------------------------------------
 
@@ -851,8 +856,24 @@ class PreferenceDataModule(LightningDataModule):
         )
 
     def train_dataloader(self) -> PreferenceLoader:
-        return PreferenceLoader(self.train_dataset(), num_workers=self.settings.num_workers,
-                                pin_memory=torch.cuda.is_available())
+        loader = PreferenceLoader(self.train_dataset(), num_workers=self.settings.num_workers,
+                                  pin_memory=torch.cuda.is_available())
+        if self._loader_state is not None:
+            loader.load_state_dict(self._loader_state)
+        self._train_loader = loader
+        return loader
+
+    # Lightning restores a datamodule's state before it first builds the train loader. Its own hand-over of
+    # loader states (``fit_loop`` "combined_loader") comes too late whenever ``configure_optimizers`` asks for
+    # ``estimated_stepping_batches`` (ours does, for the schedule): that builds the loader before the loops are
+    # restored. So the loader's position travels in the datamodule's checkpoint entry.
+    def state_dict(self) -> dict[str, Any]:
+        return {"train_loader": self._train_loader.state_dict()} if self._train_loader is not None else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._loader_state = state_dict.get("train_loader")
+        if self._loader_state is not None and self._train_loader is not None:
+            self._train_loader.load_state_dict(self._loader_state)
 
     def val_dataloader(self) -> DataLoader | list:
         if not self.val_entries:
