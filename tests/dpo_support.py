@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_PAIRS = REPO_ROOT / "data" / "vqa_rad_sample" / "preference" / "train-00000.jsonl"
 TINY_PATH = REPO_ROOT / "data" / "backbones" / "tiny"
@@ -62,3 +64,15 @@ def perturb_lora(model, scale: float = 0.05, seed: int = 0) -> None:
         for name, param in model.named_parameters():
             if "lora_B" in name:
                 param.copy_(torch.randn(param.shape, generator=generator) * scale)
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Tiny models run no faster on two threads, and on a shared CPU two OpenMP threads can wait on each
+    other for a long time; restored afterwards so other test files keep their setting."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -10,7 +10,7 @@ from collections import Counter
 import pytest
 import torch
 
-from dpo_support import SAMPLE_PAIRS, sample_pairs, write_shard
+from dpo_support import SAMPLE_PAIRS, one_torch_thread, sample_pairs, write_shard  # noqa: F401  (autouse fixture)
 from stllava_med.chat import IGNORE_INDEX, ChatFormat
 from stllava_med.data.preference import BadPairError, iter_pairs, resolve_image, resolve_shards
 from stllava_med.data.preference_dm import (

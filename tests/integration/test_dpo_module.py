@@ -9,7 +9,7 @@ import pytest
 import torch
 from lightning.pytorch import Callback, Trainer
 
-from dpo_support import perturb_lora, sample_pairs, tiny_backbone, write_shard
+from dpo_support import one_torch_thread, perturb_lora, sample_pairs, tiny_backbone, write_shard  # noqa: F401  (autouse fixture)
 from stllava_med.chat import ChatFormat
 from stllava_med.data.preference_dm import PreferenceDataModule, PreferenceDataSettings
 from stllava_med.dpo.module import DPOModule, DPOSettings

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from dpo_support import TINY_PATH, perturb_lora, sample_pairs, tiny_backbone, write_shard
+from dpo_support import TINY_PATH, one_torch_thread, perturb_lora, sample_pairs, tiny_backbone, write_shard  # noqa: F401  (autouse fixture)
 from stllava_med.chat import ChatFormat
 from stllava_med.data.preference_dm import PreferenceDataModule, PreferenceDataSettings, processor_fingerprint
 from stllava_med.dpo.reference import (

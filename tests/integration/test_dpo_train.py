@@ -11,7 +11,7 @@ from lightning.pytorch import Callback
 from safetensors.torch import load_file
 
 from conftest import compose
-from dpo_support import sample_pairs, write_shard
+from dpo_support import one_torch_thread, sample_pairs, write_shard  # noqa: F401  (autouse fixture)
 from stllava_med.train_dpo import run_train_dpo
 from stllava_med.utils.config import resolve_out_dir
 
@@ -23,7 +23,7 @@ def overrides(tmp_path, shard, out_dir, *extra):
             "data.val_ratio=0.25", "data.progress=false", f"data.scan_cache_dir={tmp_path}/scan",
             f"dpo.reference_cache_dir={tmp_path}/reference", "trainer.enable_progress_bar=false",
             "trainer.max_steps=4", "trainer.max_epochs=2", "checkpoint_every_n_steps=1", "optim.lr=2e-3", "optim.projector_lr=2e-3",
-            "num_threads=2", *extra]
+            "num_threads=1", *extra]
 
 
 @pytest.fixture(scope="module")
