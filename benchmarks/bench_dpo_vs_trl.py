@@ -10,7 +10,8 @@ Shape (``--shape bench``, default): a LLaVA built from configs with real proport
 images and text. Each pair's prompt asks for the findings; the chosen answer lists the image's findings as
 question/answer sentences from VQA-RAD, the rejected one the same sentences with wrong answers (from the
 ground-truth pair builder), 10–100 tokens. ``--shape llava7b`` builds a 7B-shaped LLaVA-1.5 (random weights,
-CLIP ViT-L/14-336 + LLaMA-7B dimensions, bf16) for a GPU.
+CLIP ViT-L/14-336 + LLaMA-7B dimensions, 576 image tokens, bf16) for a GPU; that path has not been run yet (no GPU
+was available when the benchmark was written).
 
 Each contender runs in a fresh subprocess; time counts everything after the model is loaded (for us: the
 pair scan, the reference pre-computation and training; for TRL: dataset building, trainer set-up and
@@ -85,8 +86,7 @@ def build_llava7b(path: Path) -> Path:
                          image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
                          vision_feature_select_strategy="default", vision_feature_layer=-2)
     torch.manual_seed(0)
-    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
-        model = LlavaForConditionalGeneration(config).to(torch.bfloat16)
+    model = LlavaForConditionalGeneration._from_config(config, dtype=torch.bfloat16)  # ~14 GB, built in bf16
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path)
     processor.patch_size = 14

@@ -76,14 +76,24 @@ def test_prefix_sharing_equals_plain_path_with_gradients(setup):
     assert prefix.positions < plain.positions
 
 
-def test_prefix_sharing_is_off_under_gradient_checkpointing(setup):
-    backbone, _ = setup
-    logprobs = LogProbs(backbone.model)
-    assert logprobs.prefix_sharing
-    language_model = logprobs.core.language_model
-    language_model.gradient_checkpointing = True
+def test_gradient_checkpointing_turns_prefix_sharing_off_only_where_it_must(setup):
+    backbone, batch = setup
+    model = backbone.model
+    logprobs = LogProbs(model)
+    with torch.no_grad():
+        expected = logprobs(batch, prefix_sharing=False)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     try:
-        backbone.model.train()
-        assert not logprobs.prefix_sharing  # the HF layers drop the KV cache when checkpointing
+        model.train()
+        assert logprobs.gradient_checkpointing and not logprobs.prefix_sharing  # the layers drop the KV cache
+        trained = logprobs(batch)
+        assert trained.chosen.requires_grad
+        with torch.no_grad():  # reference passes build no graph: the layers keep the cache, sharing stays on
+            assert logprobs.prefix_sharing
+            reference = logprobs(batch)
     finally:
-        language_model.gradient_checkpointing = False
+        model.gradient_checkpointing_disable()
+    for out in (trained, reference):
+        torch.testing.assert_close(out.chosen.detach(), expected.chosen, atol=1e-4, rtol=0)
+        torch.testing.assert_close(out.rejected.detach(), expected.rejected, atol=1e-4, rtol=0)
+    assert reference.positions < trained.positions

@@ -109,10 +109,11 @@ class LogProbs:
 
     @property
     def prefix_sharing(self) -> bool:
-        """Prefix sharing needs the KV cache, which gradient checkpointing drops: then the plain path runs."""
+        """Prefix sharing needs the KV cache, which gradient checkpointing drops in a training forward that
+        builds a graph: then the plain path runs (reference passes, without gradients, keep sharing)."""
         if not (self._prefix_sharing and self.fast):
             return False
-        if self.gradient_checkpointing and self.inner.training:
+        if self.gradient_checkpointing and self.inner.training and torch.is_grad_enabled():
             if not self._warned_gc:
                 log.warning("gradient checkpointing drops the KV cache: prefix sharing is off for this run")
                 self._warned_gc = True
