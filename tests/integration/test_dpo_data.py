@@ -16,6 +16,7 @@ from stllava_med.data.preference import BadPairError, iter_pairs, resolve_image,
 from stllava_med.data.preference_dm import (
     PairLengths,
     PairMeasurer,
+    PreferenceBatches,
     PreferenceDataModule,
     PreferenceDataSettings,
     PreferenceLoader,
@@ -177,3 +178,11 @@ def test_collation_targets_only_answers_and_shares_image_and_prompt(processor, t
             target = tokenizer.decode(labels[labels != IGNORE_INDEX])
             assert target == by_id[pair_id][side] + tokenizer.eos_token
             assert int((ids == image_id).sum()) == 64
+
+
+def test_more_slots_than_pairs_is_refused_before_it_can_hang_ddp(processor, tmp_path):
+    write_shard(tmp_path / "p.jsonl", sample_pairs(3))
+    dm = datamodule(processor, tmp_path / "p.jsonl")
+    with pytest.raises(ValueError, match="3 pairs cannot feed 2 ranks x 2 dataloader workers"):
+        PreferenceBatches(dm.train_dataset().plan, dm.collator, batch_size=2, num_workers=2, rank=0,
+                          world_size=2).check_every_slot_has_pairs("training pairs")

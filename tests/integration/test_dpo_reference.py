@@ -123,3 +123,30 @@ def test_copy_reference_is_frozen_and_matches_adapter_off_at_the_same_weights(se
     copy_logps = copy.logps(batch)
     adapter_off = AdapterOffReference(backbone.model).logps(batch)
     torch.testing.assert_close(copy_logps[0], adapter_off[0], atol=1e-5, rtol=0)
+
+
+def test_ranks_split_the_precomputation_and_read_the_same_cache(setup, tmp_path):
+    """Two simulated DDP ranks (threads with a real barrier, each with its own copy of the reference)."""
+    import threading
+
+    _, dm = setup
+    barrier = threading.Barrier(2)
+    ranks = [precomputed(make_cache(tmp_path, dm), CopyReference(tiny_backbone(lora=False).model), dm)
+             for _ in range(2)]
+    errors: list[BaseException] = []
+
+    def run(rank: int) -> None:
+        try:
+            ranks[rank].prepare(torch.device("cpu"), rank=rank, world_size=2, barrier=barrier.wait)
+        except BaseException as err:  # surfaced below
+            errors.append(err)
+            barrier.abort()
+
+    threads = [threading.Thread(target=run, args=(rank,)) for rank in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    assert [r.computed for r in ranks] == [5, 5]  # each rank computed its half of the 10 pairs
+    assert ranks[0].table == ranks[1].table and len(ranks[0].table) == 10

@@ -126,3 +126,33 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(tmp_path, shard,
     assert expected.keys() == resumed.keys() and any("multi_modal_projector" in k for k in expected)
     for name, tensor in expected.items():
         torch.testing.assert_close(resumed[name], tensor, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_ddp_on_two_cpu_processes(tmp_path, tiny_backbone_path):
+    """A real two-process DDP run (gloo): equal steps on both ranks, the reference pre-computation split
+    between them (every pair computed once), metrics synced, one export."""
+    import os
+    import subprocess
+    import sys
+
+    shard = write_shard(tmp_path / "p.jsonl", sample_pairs(30, stride=13))
+    out = tmp_path / "ddp"
+    command = [sys.executable, "-m", "stllava_med.train_dpo", f"data.path={shard}", f"out_dir={out}",
+               "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp",
+               "+trainer.use_distributed_sampler=false", "trainer.max_steps=3", "data.batch_size=3",
+               "data.num_workers=1", "data.val_ratio=0.2", "dpo.reference=precomputed",
+               f"dpo.reference_cache_dir={tmp_path}/reference", f"data.scan_cache_dir={tmp_path}/scan",
+               "num_threads=1", "trainer.enable_progress_bar=false", "data.progress=false",
+               f"hydra.run.dir={tmp_path}/hydra"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tiny_backbone_path.parents[2] / "src"),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env,
+                            cwd=tiny_backbone_path.parents[2])
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((out / "metrics.json").read_text())
+    assert summary["global_step"] == 3 and "loss" in summary["val"]
+    pairs = summary["pairs"]["train"] + summary["pairs"]["val"]
+    cache_lines = [json.loads(line) for line in next((tmp_path / "reference").glob("*/logps.jsonl")).read_text().splitlines()]
+    assert sorted(row["id"] for row in cache_lines) == sorted({row["id"] for row in cache_lines})  # no pair twice
+    assert len(cache_lines) == pairs == 30
+    assert (out / "merged" / "config.json").is_file()

@@ -542,6 +542,13 @@ class PreferenceBatches(IterableDataset):
     def slots(self) -> int:
         return self.world_size * self.num_workers
 
+    def check_every_slot_has_pairs(self, what: str) -> None:
+        """A rank without a single real pair would never log a metric, and the others would wait for it at
+        the end of the epoch: refuse such a split up front."""
+        if 0 < self.plan.size < self.slots:
+            raise ValueError(f"{what}: {self.plan.size} pairs cannot feed {self.world_size} ranks x "
+                             f"{self.num_workers} dataloader workers; lower data.num_workers or use more pairs")
+
     @property
     def items_per_slot(self) -> int:
         return math.ceil(self.plan.size / self.slots) if self.plan.size else 0
@@ -856,7 +863,9 @@ class PreferenceDataModule(LightningDataModule):
         )
 
     def train_dataloader(self) -> PreferenceLoader:
-        loader = PreferenceLoader(self.train_dataset(), num_workers=self.settings.num_workers,
+        dataset = self.train_dataset()
+        dataset.check_every_slot_has_pairs("training pairs")
+        loader = PreferenceLoader(dataset, num_workers=self.settings.num_workers,
                                   pin_memory=torch.cuda.is_available())
         if self._loader_state is not None:
             loader.load_state_dict(self._loader_state)
@@ -878,7 +887,9 @@ class PreferenceDataModule(LightningDataModule):
     def val_dataloader(self) -> DataLoader | list:
         if not self.val_entries:
             return []
-        return DataLoader(self.val_dataset(), batch_size=None, num_workers=self.settings.num_workers,
+        dataset = self.val_dataset()
+        dataset.check_every_slot_has_pairs("validation pairs")
+        return DataLoader(dataset, batch_size=None, num_workers=self.settings.num_workers,
                           collate_fn=_identity, pin_memory=torch.cuda.is_available())
 
     def reference_batches(self, ids: set[str] | None = None, *, rank: int = 0, world_size: int = 1,

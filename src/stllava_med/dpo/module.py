@@ -133,11 +133,13 @@ class DPOModule(TrainableOnlyCheckpoints, LightningModule):
         now = time.perf_counter()
         if self._last_step_time is not None:
             elapsed = max(now - self._last_step_time, 1e-9)
+            # every rank runs the same number of steps at the same pace: this rank's rate x ranks (the
+            # cross-rank mean only smooths it)
             world = self.trainer.world_size if self._trainer is not None else 1
             self.log("train/pairs_per_s", float(real_pairs) * world / elapsed, on_step=True, on_epoch=True,
-                     batch_size=1)
+                     batch_size=1, sync_dist=True)
             self.log("train/tokens_per_s", float(tokens) * world / elapsed, on_step=True, on_epoch=True,
-                     batch_size=1)
+                     batch_size=1, sync_dist=True)
         self._last_step_time = now
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:

@@ -273,34 +273,16 @@ class PrecomputedReference:
 
     def prepare(self, device: torch.device, *, rank: int = 0, world_size: int = 1,
                 barrier: Callable[[], None] | None = None, move: Callable[[Any], Any] | None = None) -> None:
+        barrier = barrier or (lambda: None)
         missing = self.cache.missing(self.needed)
+        barrier()  # every rank has read the same cache before anyone appends to it
         if missing:
-            from tqdm.auto import tqdm
-
-            if self.source is None:
-                raise ReferenceCacheError(f"{len(missing)} pairs lack cached reference log-probs and no source model")
             log.info("precomputing reference log-probs of %d pairs into %s", len(missing), self.cache.dir)
-            model = getattr(self.source, "model", None) or getattr(self.source, "policy", None)
-            was_training = bool(model.training) if model is not None else False
-            if model is not None:
-                model.eval()
-            try:
-                mine = sorted(missing)[rank::world_size]
-                total = math.ceil(len(mine) / self.batch_size)
-                bar = tqdm(self.batches(set(mine), 0, 1), desc="reference log-probs", unit="batch", total=total,
-                           disable=not self.progress or rank != 0)
-                for batch in bar:
-                    if move is not None:
-                        batch = move(batch)
-                    with torch.no_grad():
-                        chosen, rejected = self.source.logps(batch)
-                    self.cache.append(batch["ids"], self.needed, chosen, rejected)
-                    self.computed += len(batch["ids"])
-            finally:
-                if model is not None:
-                    model.train(was_training)
-        if barrier is not None:
-            barrier()
+            self._compute(sorted(missing)[rank::world_size], rank, move)
+        barrier()
+        still = self.cache.missing(self.needed)
+        if still:  # another job appended meanwhile and the ranks split different sets: finish alone
+            self._compute(sorted(still), rank, move)
         table = self.cache.read()
         absent = [i for i in self.needed if i not in table or table[i][0] != self.needed[i]]
         if absent:
@@ -308,6 +290,31 @@ class PrecomputedReference:
                                       f"e.g. {absent[:3]}")
         self.table = {i: (table[i][1], table[i][2]) for i in self.needed}
         self.source = None  # a copy reference is no longer needed in memory
+
+    def _compute(self, ids: list[str], rank: int, move: Callable[[Any], Any] | None) -> None:
+        if not ids:
+            return
+        if self.source is None:
+            raise ReferenceCacheError(f"{len(ids)} pairs lack cached reference log-probs and there is no source model")
+        from tqdm.auto import tqdm
+
+        model = getattr(self.source, "model", None) or getattr(self.source, "policy", None)
+        was_training = bool(model.training) if model is not None else False
+        if model is not None:
+            model.eval()  # no dropout; the 4-bit repacking this causes on CPU is undone by BnbCpuGuard
+        try:
+            bar = tqdm(self.batches(set(ids), 0, 1), desc="reference log-probs", unit="batch",
+                       total=math.ceil(len(ids) / self.batch_size), disable=not self.progress or rank != 0)
+            for batch in bar:
+                if move is not None:
+                    batch = move(batch)
+                with torch.no_grad():
+                    chosen, rejected = self.source.logps(batch)
+                self.cache.append(batch["ids"], self.needed, chosen, rejected)
+                self.computed += len(batch["ids"])
+        finally:
+            if model is not None:
+                model.train(was_training)
 
     def logps(self, batch: Mapping[str, Any], *, vision_features: torch.Tensor | None = None
               ) -> tuple[torch.Tensor, torch.Tensor]:
