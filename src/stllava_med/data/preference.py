@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import glob as globlib
 import hashlib
+import io
 import json
 import logging
 import os
@@ -298,11 +299,9 @@ class _MultiTurn(ValueError):
 
 
 def _save_image_bytes(data: bytes, images_dir: Path) -> str:
-    digest = hashlib.sha256(data).hexdigest()[:24]
-    import io
-
     from PIL import Image
 
+    digest = hashlib.sha256(data).hexdigest()[:24]
     with Image.open(io.BytesIO(data)) as img:
         ext = (img.format or "png").lower().replace("jpeg", "jpg")
     target = images_dir / f"{digest}.{ext}"

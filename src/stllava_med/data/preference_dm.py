@@ -416,7 +416,7 @@ def scan_pairs(shards: Sequence[Path], processor: Any, fmt: ChatFormat, settings
     entries: list[ScanEntry] = []
     report = SkipReport()
     loader = DataLoader(_ScanLines(shards, processor, fmt, settings), batch_size=None,
-                        num_workers=settings.num_workers, collate_fn=lambda x: x)
+                        num_workers=settings.num_workers, collate_fn=_identity)
     for result in tqdm(loader, desc=desc, unit="pair", disable=not settings.progress, mininterval=2.0):
         report.read += 1
         if "skip" in result:
@@ -666,6 +666,10 @@ class PreferenceBatches(IterableDataset):
                 yield self.collator(items)
 
 
+def _identity(batch: Any) -> Any:
+    return batch
+
+
 def hash_seed(*parts: Any) -> int:
     return int.from_bytes(hashlib.sha256("\x00".join(map(str, parts)).encode()).digest()[:8], "big")
 
@@ -705,10 +709,6 @@ class PreferenceLoader(DataLoader):
             self._next_epoch, self._skip = epoch + 1, 0
         else:
             self._next_epoch, self._skip = epoch, consumed
-
-
-def _identity(batch: Any) -> Any:
-    return batch
 
 
 # --------------------------------------------------------------------------------------------------------------
