@@ -78,7 +78,10 @@ def main(argv: list[str] | None = None) -> int:
                 yield from convert_records(path, args.format, image_root=args.image_root, images_dir=images_dir,
                                            on_bad_pair=args.on_bad_pair, report=report_obj)
 
-        stream = relative_images(pairs(), args.out) if args.relative_images else pairs()
+        from tqdm.auto import tqdm
+
+        progress = tqdm(pairs(), desc="convert", unit="pair", mininterval=2.0)
+        stream = relative_images(progress, args.out) if args.relative_images else progress
         shards = write_shards(stream, args.out, shard_size=args.shard_size, prefix=args.prefix or "pairs")
         report = {"format": args.format, "inputs": [str(p) for p in args.inputs], **report_obj.to_json(),
                   "shards": [s.name for s in shards]}

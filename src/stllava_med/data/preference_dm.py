@@ -391,6 +391,15 @@ def scan_one(line: str, shard_index: int, shard: Path, lineno: int, measurer: Pa
     return {"entry": entry}
 
 
+def _count_lines(path: Path) -> int:
+    """Non-empty lines, counted from raw bytes (for the scan's progress bar)."""
+    count = 0
+    with open(path, "rb") as fh:
+        for line in fh:
+            count += bool(line.strip())
+    return count
+
+
 def scan_key(shards: Sequence[Path], processor: Any, fmt: ChatFormat, settings: PreferenceDataSettings) -> str:
     return stable_hash({
         "version": SCAN_VERSION,
@@ -417,7 +426,8 @@ def scan_pairs(shards: Sequence[Path], processor: Any, fmt: ChatFormat, settings
     report = SkipReport()
     loader = DataLoader(_ScanLines(shards, processor, fmt, settings), batch_size=None,
                         num_workers=settings.num_workers, collate_fn=_identity)
-    for result in tqdm(loader, desc=desc, unit="pair", disable=not settings.progress, mininterval=2.0):
+    total = sum(_count_lines(shard) for shard in shards) if settings.progress else None
+    for result in tqdm(loader, desc=desc, unit="pair", total=total, disable=not settings.progress, mininterval=2.0):
         report.read += 1
         if "skip" in result:
             reason, message = result["skip"]
