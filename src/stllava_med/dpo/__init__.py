@@ -1,0 +1,1 @@
+"""Direct Preference Optimization of the policy LVLM against a frozen reference (STLLaVA-Med stage 2b)."""

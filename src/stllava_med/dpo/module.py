@@ -1,0 +1,181 @@
+"""``DPOModule``: the policy (LoRA, optionally on a 4-bit/8-bit base) trained by DPO against a frozen reference.
+
+It receives built objects — the policy model, a :mod:`reference <stllava_med.dpo.reference>` object, loss
+and optimizer settings — and never reads configs or paths. One training step:
+
+1. the vision tower runs once per pair (and, when it is frozen, its output is shared with the reference);
+2. policy log-probs of chosen and rejected answers (:class:`stllava_med.dpo.logps.LogProbs`: prefix sharing,
+   output layer on answer tokens only);
+3. reference log-probs (adapter off / copy / precomputed cache), without gradients;
+4. :func:`stllava_med.dpo.losses.dpo_loss` (+ optional NLL on the chosen answer), averaged over the batch's
+   real pairs (zero-weight pairs only pad the DDP slots).
+
+Logged (torchmetrics ``MeanMetric``, synced across ranks at epoch end; ``train/`` and ``val/``): loss, rewards
+chosen / rejected / accuracy / margin, log-probs chosen / rejected (sum and per-token mean), padding ratio;
+``train/pairs_per_s`` and ``train/tokens_per_s`` (all ranks together).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
+from lightning.pytorch import LightningModule
+from torch import nn
+from torchmetrics import MeanMetric
+
+from stllava_med.dpo.logps import LogProbs
+from stllava_med.dpo.losses import LOSS_TYPES, chosen_nll_loss, dpo_loss
+from stllava_med.training import TrainableOnlyCheckpoints, configure_adamw
+
+METRIC_NAMES = (
+    "loss", "rewards/chosen", "rewards/rejected", "rewards/accuracy", "rewards/margin",
+    "logps/chosen", "logps/rejected", "logps/chosen_per_token", "logps/rejected_per_token", "padding_ratio",
+)
+
+
+@dataclass
+class DPOSettings:
+    beta: float = 0.1
+    loss_type: str = "sigmoid"
+    label_smoothing: float = 0.0
+    nll_weight: float = 0.0
+    prefix_sharing: bool = True
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any] | None) -> DPOSettings:
+        known = set(cls.__dataclass_fields__)
+        settings = cls(**{k: v for k, v in dict(cfg or {}).items() if k in known})
+        if settings.loss_type not in LOSS_TYPES:
+            raise ValueError(f"dpo.loss_type must be one of {LOSS_TYPES}, not {settings.loss_type!r}")
+        if settings.beta <= 0:
+            raise ValueError(f"dpo.beta must be > 0, got {settings.beta}")
+        if settings.nll_weight < 0:
+            raise ValueError(f"dpo.nll_weight must be >= 0, got {settings.nll_weight}")
+        return settings
+
+
+def _metric_key(stage: str, name: str) -> str:
+    return f"{stage}__{name.replace('/', '__')}"  # ModuleDict keys cannot contain dots or slashes
+
+
+class DPOModule(TrainableOnlyCheckpoints, LightningModule):
+    def __init__(self, policy: nn.Module, reference: Any, settings: DPOSettings, optim: Mapping[str, Any], *,
+                 projector_modules: Sequence[str] = ("multi_modal_projector",)) -> None:
+        super().__init__()
+        self.policy = policy
+        self.reference = reference
+        self.settings = settings
+        self.optim = dict(optim)
+        self.projector_modules = tuple(projector_modules)
+        self.logprobs = LogProbs(policy, prefix_sharing=settings.prefix_sharing)
+        names = list(METRIC_NAMES) + (["nll"] if settings.nll_weight else [])
+        self.metrics = nn.ModuleDict({_metric_key(stage, name): MeanMetric()
+                                      for stage in ("train", "val") for name in names})
+        self._metric_names = names
+        self._last_step_time: float | None = None
+
+    # ---- the step --------------------------------------------------------------------------------------
+
+    def compute(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        """Per-pair losses, rewards and log-probs of one batch (the core of training and validation)."""
+        pixel_values = batch.get("pixel_values")
+        vision = None
+        image_features = None
+        if self.logprobs.fast and pixel_values is not None:
+            vision = self.logprobs.vision_features(pixel_values)
+            image_features = self.logprobs.project(vision)
+        policy = self.logprobs(batch, image_features=image_features)
+        shared = vision if getattr(self.reference, "shares_vision", False) else None
+        ref_chosen, ref_rejected = self.reference.logps(batch, vision_features=shared)
+        losses, chosen_rewards, rejected_rewards = dpo_loss(
+            policy.chosen, policy.rejected, ref_chosen.to(policy.chosen.dtype), ref_rejected.to(policy.chosen.dtype),
+            beta=self.settings.beta, loss_type=self.settings.loss_type,
+            label_smoothing=self.settings.label_smoothing,
+            chosen_lengths=policy.chosen_tokens, rejected_lengths=policy.rejected_tokens,
+        )
+        out = {"losses": losses, "rewards/chosen": chosen_rewards, "rewards/rejected": rejected_rewards,
+               "rewards/accuracy": (chosen_rewards > rejected_rewards).float(),
+               "rewards/margin": chosen_rewards - rejected_rewards,
+               "logps/chosen": policy.chosen.detach(), "logps/rejected": policy.rejected.detach(),
+               "logps/chosen_per_token": policy.chosen.detach() / policy.chosen_tokens.clamp(min=1),
+               "logps/rejected_per_token": policy.rejected.detach() / policy.rejected_tokens.clamp(min=1),
+               "padding_ratio": torch.full_like(losses, policy.padding_ratio).detach(),
+               "tokens": torch.tensor(float(policy.real_positions), device=losses.device)}
+        if self.settings.nll_weight:
+            nll = chosen_nll_loss(policy.chosen, policy.chosen_tokens)
+            out["losses"] = losses + self.settings.nll_weight * nll
+            out["nll"] = nll.detach()
+        return out
+
+    def _step(self, batch: Mapping[str, Any], stage: str) -> torch.Tensor:
+        out = self.compute(batch)
+        weight = batch["weight"].to(out["losses"].device, out["losses"].dtype)
+        real = weight.sum()
+        # Zero-weight pairs (DDP slot padding) keep the graph and the step count but change nothing.
+        loss = (out["losses"] * weight).sum() / real.clamp(min=1.0)
+        if real > 0:
+            for name in self._metric_names:
+                values = loss.detach().expand(1) if name == "loss" else out[name]
+                metric = self.metrics[_metric_key(stage, name)]
+                metric(values.float(), real.expand(1) if name == "loss" else weight)
+                self.log(f"{stage}/{name}", metric, on_step=stage == "train", on_epoch=True,
+                         prog_bar=name in ("loss", "rewards/accuracy"), batch_size=int(real))
+        if stage == "train":
+            self._log_throughput(real, out["tokens"])
+        return loss
+
+    def _log_throughput(self, real_pairs: torch.Tensor, tokens: torch.Tensor) -> None:
+        now = time.perf_counter()
+        if self._last_step_time is not None:
+            elapsed = max(now - self._last_step_time, 1e-9)
+            # every rank runs the same number of steps at the same pace: this rank's rate x ranks (the
+            # cross-rank mean only smooths it)
+            world = self.trainer.world_size if self._trainer is not None else 1
+            self.log("train/pairs_per_s", float(real_pairs) * world / elapsed, on_step=True, on_epoch=True,
+                     batch_size=1, sync_dist=True)
+            self.log("train/tokens_per_s", float(tokens) * world / elapsed, on_step=True, on_epoch=True,
+                     batch_size=1, sync_dist=True)
+        self._last_step_time = now
+
+    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "val")
+
+    def on_train_epoch_start(self) -> None:
+        self._last_step_time = None
+
+    def on_validation_end(self) -> None:
+        self._last_step_time = None  # a validation pass is not training time
+
+    # ---- reference placement and pre-computation --------------------------------------------------------
+
+    def _place_reference(self) -> None:
+        mover = getattr(self.reference, "to", None)
+        if callable(mover):
+            mover(self.device)
+
+    def on_fit_start(self) -> None:
+        self._place_reference()
+        prepare = getattr(self.reference, "prepare", None)
+        if callable(prepare) and getattr(self.reference, "table", True) is None:
+            trainer = self.trainer
+            prepare(self.device, rank=trainer.global_rank, world_size=trainer.world_size,
+                    barrier=trainer.strategy.barrier,
+                    move=lambda batch: move_data_to_device(batch, self.device))
+
+    def on_validation_start(self) -> None:
+        self._place_reference()
+        if getattr(self.reference, "table", True) is None and not self.trainer.training:
+            self.on_fit_start()
+
+    # ---- optimisation ----------------------------------------------------------------------------------
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        return configure_adamw(self, self.policy, self.optim, projector_modules=self.projector_modules)

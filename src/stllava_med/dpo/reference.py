@@ -1,0 +1,334 @@
+"""The frozen reference of DPO, in three modes (``dpo.reference=``):
+
+- ``adapter_off``: the policy's base model with the LoRA adapter disabled (peft ``disable_adapter``; the
+  projector, a ``modules_to_save`` copy, falls back to its original too). No second model in memory; the
+  vision tower's output is shared with the policy's pass when the tower is frozen.
+- ``copy``: a separate frozen model, for a policy that does not start from the reference's weights (e.g.
+  when it starts from a merged stage-1 checkpoint that the reference is not).
+- ``precomputed``: one pass before training (``adapter_off`` or ``copy`` as its source, images included)
+  writes every pair's reference log-probs to a cache on disk; training then runs no reference forward.
+  The cache is keyed by (data fingerprint, reference weights hash, processor and template, max_length), so
+  the jobs of a sweep over β, loss type, seed or data fraction share one cache; entries are per pair id and
+  content digest, appended (file-locked) by whichever job needs them first.
+
+Reference passes never build an autograd graph and never switch the policy to eval mode: on CPU,
+bitsandbytes repacks 4-bit weights after an eval-mode forward without gradients (the QLoRA trap).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import math
+import os
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from stllava_med.dpo.logps import LogProbs
+from stllava_med.utils.io import atomic_write_json, sha256_file, stable_hash
+
+log = logging.getLogger(__name__)
+
+REFERENCE_MODES = ("adapter_off", "copy", "precomputed")
+
+
+class Reference(Protocol):
+    """What the DPO module needs from a reference: summed answer log-probs of a batch, without gradients."""
+
+    shares_vision: bool
+
+    def logps(self, batch: Mapping[str, Any], *, vision_features: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+class AdapterOffReference:
+    """The policy with its LoRA adapter (and trained projector copy) disabled."""
+
+    def __init__(self, policy: nn.Module, *, prefix_sharing: bool = True) -> None:
+        if not hasattr(policy, "disable_adapter"):
+            raise ValueError("dpo.reference=adapter_off needs a peft (LoRA) policy; use copy or precomputed")
+        self.policy = policy
+        self.logprobs = LogProbs(policy, prefix_sharing=prefix_sharing)
+        # Sharing the vision tower's output is only valid when the adapter does not touch the tower.
+        self.shares_vision = self.logprobs.fast and not self.logprobs.vision_trainable
+
+    @torch.no_grad()
+    def logps(self, batch: Mapping[str, Any], *, vision_features: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        with self.policy.disable_adapter():
+            features = None
+            if self.logprobs.fast:
+                features = self.logprobs.image_features(batch.get("pixel_values"),
+                                                        vision_features if self.shares_vision else None)
+            out = self.logprobs(batch, image_features=features)
+        return out.chosen.detach(), out.rejected.detach()
+
+    def to(self, device: torch.device) -> AdapterOffReference:
+        return self  # lives inside the policy
+
+
+class CopyReference:
+    """A separate, frozen model (eval mode, no gradients, never in the optimizer)."""
+
+    def __init__(self, model: nn.Module, *, prefix_sharing: bool = True) -> None:
+        model.requires_grad_(False)
+        model.eval()
+        self.model = model
+        self.logprobs = LogProbs(model, prefix_sharing=prefix_sharing)
+        self.shares_vision = False
+
+    @torch.no_grad()
+    def logps(self, batch: Mapping[str, Any], *, vision_features: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.logprobs(batch)
+        return out.chosen.detach(), out.rejected.detach()
+
+    def to(self, device: torch.device) -> CopyReference:
+        if not (getattr(self.model, "is_loaded_in_4bit", False) or getattr(self.model, "is_loaded_in_8bit", False)):
+            self.model.to(device)
+        return self
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Fingerprints
+# --------------------------------------------------------------------------------------------------------------
+
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+
+
+def _local_model_dir(name_or_path: str) -> Path | None:
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    try:  # a hub id already in the local cache (we run offline)
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(name_or_path, local_files_only=True))
+    except Exception:
+        return None
+
+
+def _file_hashes(directory: Path, memo_path: Path | None) -> dict[str, str]:
+    """sha256 of the weight files, memoised by (path, size, mtime) so sweep jobs do not re-read 14 GB."""
+    memo: dict[str, str] = {}
+    if memo_path is not None and memo_path.is_file():
+        with contextlib.suppress(ValueError, OSError):
+            memo = json.loads(memo_path.read_text())
+    hashes: dict[str, str] = {}
+    changed = False
+    for file in sorted(directory.iterdir()):
+        if not file.is_file() or not file.name.endswith(_WEIGHT_SUFFIXES):
+            continue
+        stat = file.stat()
+        memo_key = f"{file.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+        if memo_key not in memo:
+            memo[memo_key] = sha256_file(file)
+            changed = True
+        hashes[file.name] = memo[memo_key]
+    if changed and memo_path is not None:
+        atomic_write_json(memo_path, memo)
+    return hashes
+
+
+def tensor_fingerprint(model: nn.Module) -> str:
+    """Hash of a model's parameters and buffers (when its weights do not come from local files)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        data = tensor.detach().to("cpu").contiguous()
+        digest.update(str(data.dtype).encode())
+        digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+    return digest.hexdigest()[:16]
+
+
+def reference_fingerprint(name_or_path: str, *, settings: Mapping[str, Any], model: nn.Module | None = None,
+                          memo_path: Path | None = None) -> dict[str, Any]:
+    """What determines the reference's numbers: its weight files (or tensors) and how they are loaded."""
+    directory = _local_model_dir(name_or_path)
+    if directory is not None:
+        files = _file_hashes(directory, memo_path)
+        if files:
+            return {"weights": stable_hash(files), "load": dict(settings)}
+    if model is None:
+        raise ValueError(f"cannot fingerprint the reference {name_or_path!r}: no local weight files and no model")
+    return {"weights": tensor_fingerprint(model), "load": dict(settings)}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The on-disk cache
+# --------------------------------------------------------------------------------------------------------------
+
+
+class ReferenceCacheError(ValueError):
+    """A reference cache entry is unusable (non-finite, malformed or missing); the message names it."""
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+class ReferenceCache:
+    """``<root>/<key>/logps.jsonl``: one line per pair ``{"id", "digest", "ref_chosen_logps",
+    "ref_rejected_logps"}``, appended under a file lock; ``meta.json`` records what the key was made of."""
+
+    def __init__(self, root: str | os.PathLike, *, data_fingerprint: str, reference: Mapping[str, Any],
+                 processor: str, max_length: int | None) -> None:
+        self.key_parts = {"data": data_fingerprint, "reference": dict(reference), "processor": processor,
+                          "max_length": max_length}
+        self.key = stable_hash(self.key_parts, n=20)
+        self.dir = Path(root) / self.key
+        self.path = self.dir / "logps.jsonl"
+        self.lock = self.dir / ".lock"
+
+    def _ensure_meta(self) -> None:
+        meta = self.dir / "meta.json"
+        if not meta.is_file():
+            atomic_write_json(meta, {"key": self.key, **self.key_parts})
+
+    def read(self) -> dict[str, tuple[str, float, float]]:
+        """id -> (digest, ref_chosen_logps, ref_rejected_logps); a non-finite or malformed entry is an error."""
+        table: dict[str, tuple[str, float, float]] = {}
+        if not self.path.is_file():
+            return table
+        with open(self.path, encoding="utf-8") as fh:
+            lines = fh.readlines()
+        for lineno, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            where = f"{self.path}:{lineno}"
+            try:
+                row = json.loads(line)
+                pair_id, digest = str(row["id"]), str(row["digest"])
+                chosen, rejected = float(row["ref_chosen_logps"]), float(row["ref_rejected_logps"])
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+                if lineno == len(lines) and not line.endswith("\n"):
+                    log.warning("%s: ignoring a truncated last line (a killed writer)", where)
+                    continue
+                raise ReferenceCacheError(f"{where}: malformed reference cache entry ({err})") from err
+            if not (math.isfinite(chosen) and math.isfinite(rejected)):
+                raise ReferenceCacheError(
+                    f"{where}: pair {pair_id!r} has non-finite cached reference log-probs "
+                    f"(chosen {chosen}, rejected {rejected}); delete {self.dir} to recompute the cache")
+            table[pair_id] = (digest, chosen, rejected)
+        return table
+
+    def missing(self, needed: Mapping[str, str]) -> set[str]:
+        table = self.read()
+        return {i for i, digest in needed.items() if i not in table or table[i][0] != digest}
+
+    def append(self, ids: Iterable[str], digests: Mapping[str, str], chosen: torch.Tensor,
+               rejected: torch.Tensor) -> None:
+        ids = list(ids)
+        chosen_values = chosen.detach().float().cpu().tolist()
+        rejected_values = rejected.detach().float().cpu().tolist()
+        bad = [i for i, c, r in zip(ids, chosen_values, rejected_values) if not (math.isfinite(c) and math.isfinite(r))]
+        if bad:
+            raise ReferenceCacheError(f"the reference produced non-finite log-probs for pairs {bad[:5]}; "
+                                      "check the reference weights and dtype")
+        lines = "".join(json.dumps({"id": i, "digest": digests[i], "ref_chosen_logps": c, "ref_rejected_logps": r})
+                        + "\n" for i, c, r in zip(ids, chosen_values, rejected_values))
+        with _locked(self.lock):
+            self._ensure_meta()
+            with open(self.path, "a", encoding="utf-8") as fh:
+                fh.write(lines)
+                fh.flush()
+                os.fsync(fh.fileno())
+
+
+class PrecomputedReference:
+    """Reference log-probs looked up by pair id; filled by :meth:`prepare` before training starts.
+
+    ``batches(ids, rank, world_size)`` yields collated batches of the given pairs (this rank's share);
+    ``source`` computes their reference log-probs once. With several ranks each computes its share, then all
+    wait at ``barrier`` and read the complete cache."""
+
+    shares_vision = False
+
+    def __init__(self, cache: ReferenceCache, source: Any, needed: Mapping[str, str],
+                 batches: Callable[[set[str], int, int], Iterable[Mapping[str, Any]]], *,
+                 batch_size: int = 1, progress: bool = True) -> None:
+        self.cache = cache
+        self.source = source
+        self.needed = dict(needed)
+        self.batches = batches
+        self.batch_size = max(1, batch_size)
+        self.progress = progress
+        self.table: dict[str, tuple[float, float]] | None = None
+        self.computed = 0
+
+    def prepare(self, device: torch.device, *, rank: int = 0, world_size: int = 1,
+                barrier: Callable[[], None] | None = None, move: Callable[[Any], Any] | None = None) -> None:
+        barrier = barrier or (lambda: None)
+        missing = self.cache.missing(self.needed)
+        barrier()  # every rank has read the same cache before anyone appends to it
+        if missing:
+            log.info("precomputing reference log-probs of %d pairs into %s", len(missing), self.cache.dir)
+            self._compute(sorted(missing)[rank::world_size], rank, move)
+        barrier()
+        still = self.cache.missing(self.needed)
+        if still:  # another job appended meanwhile and the ranks split different sets: finish alone
+            self._compute(sorted(still), rank, move)
+        table = self.cache.read()
+        absent = [i for i in self.needed if i not in table or table[i][0] != self.needed[i]]
+        if absent:
+            raise ReferenceCacheError(f"{self.cache.path}: {len(absent)} pairs have no reference log-probs, "
+                                      f"e.g. {absent[:3]}")
+        self.table = {i: (table[i][1], table[i][2]) for i in self.needed}
+        self.source = None  # a copy reference is no longer needed in memory
+
+    def _compute(self, ids: list[str], rank: int, move: Callable[[Any], Any] | None) -> None:
+        if not ids:
+            return
+        if self.source is None:
+            raise ReferenceCacheError(f"{len(ids)} pairs lack cached reference log-probs and there is no source model")
+        from tqdm.auto import tqdm
+
+        model = getattr(self.source, "model", None) or getattr(self.source, "policy", None)
+        was_training = bool(model.training) if model is not None else False
+        if model is not None:
+            model.eval()  # no dropout; the 4-bit repacking this causes on CPU is undone by BnbCpuGuard
+        try:
+            bar = tqdm(self.batches(set(ids), 0, 1), desc="reference log-probs", unit="batch",
+                       total=math.ceil(len(ids) / self.batch_size), disable=not self.progress or rank != 0)
+            for batch in bar:
+                if move is not None:
+                    batch = move(batch)
+                with torch.no_grad():
+                    chosen, rejected = self.source.logps(batch)
+                self.cache.append(batch["ids"], self.needed, chosen, rejected)
+                self.computed += len(batch["ids"])
+        finally:
+            if model is not None:
+                model.train(was_training)
+
+    def logps(self, batch: Mapping[str, Any], *, vision_features: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.table is None:
+            raise RuntimeError("PrecomputedReference.prepare() has not run")
+        try:
+            values = [self.table[i] for i in batch["ids"]]
+        except KeyError as err:
+            raise ReferenceCacheError(f"pair {err.args[0]!r} has no precomputed reference log-probs") from None
+        device = batch["chosen_input_ids"].device
+        tensor = torch.tensor(values, dtype=torch.float32, device=device)
+        return tensor[:, 0], tensor[:, 1]
+
+    def to(self, device: torch.device) -> PrecomputedReference:
+        if self.source is not None:
+            self.source.to(device)
+        return self

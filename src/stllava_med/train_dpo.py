@@ -1,0 +1,186 @@
+"""DPO of the policy LVLM on preference pairs against a frozen reference (STLLaVA-Med stage 2b).
+
+    python -m stllava_med.train_dpo                                   # tiny backbone, bundled VQA-RAD pairs
+    python -m stllava_med.train_dpo experiment=stllava_med_paper backbone=llava15_7b \\
+        backbone.name_or_path=<stage-1 export> data.path='data/pairs/round0/*.jsonl' trainer=gpu
+    python -m stllava_med.train_dpo -m dpo.beta=0.05,0.1,0.5 data.fraction=0.09,0.25,0.5,1.0 dpo.reference=precomputed
+
+The run directory is a function of the config (``logs/runs/dpo/<run_name>-<hash>`` or ``out_dir=``):
+rerunning a command resumes from its ``checkpoints/last.ckpt``. It ends with ``adapter/`` (the LoRA adapter,
+``save_pretrained``), ``merged/`` (full model + processor for ``AutoModelForImageTextToText`` /
+``AutoProcessor`` / vLLM), ``metrics.json``, ``selected_ids.txt``, ``val_ids.txt``, ``data_summary.json`` and the
+logger output under ``logs/``.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from stllava_med.utils import config as _config  # noqa: F401  (registers resolvers)
+
+log = logging.getLogger("stllava_med.train_dpo")
+
+# Our IterableDataset's __len__ is exact under multi-worker loading (each worker has an equal, disjoint slot).
+warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined")
+
+
+def _container(node: Any) -> dict[str, Any]:
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node or {})
+
+
+def build_reference(cfg: DictConfig, backbone: Any, datamodule: Any) -> Any:
+    """The reference object for ``dpo.reference`` (see :mod:`stllava_med.dpo.reference`)."""
+    from stllava_med.backbone import load_backbone
+    from stllava_med.data.preference_dm import processor_fingerprint
+    from stllava_med.dpo.reference import (
+        REFERENCE_MODES,
+        AdapterOffReference,
+        CopyReference,
+        PrecomputedReference,
+        ReferenceCache,
+        reference_fingerprint,
+    )
+
+    mode = str(cfg.dpo.reference)
+    if mode not in REFERENCE_MODES:
+        raise ValueError(f"dpo.reference must be one of {REFERENCE_MODES}, not {mode!r}")
+    prefix_sharing = bool(cfg.dpo.get("prefix_sharing", True))
+    backbone_cfg = _container(cfg.backbone)
+    reference_path = str(cfg.dpo.get("reference_path") or backbone_cfg["name_or_path"])
+
+    def copy_reference() -> CopyReference:
+        ref_cfg = {**backbone_cfg, "name_or_path": reference_path, "adapter_path": None}
+        ref_cfg["lora"] = {**dict(ref_cfg.get("lora") or {}), "enabled": False}
+        return CopyReference(load_backbone(ref_cfg, with_lora=False).model, prefix_sharing=prefix_sharing)
+
+    if mode == "adapter_off":
+        if cfg.dpo.get("reference_path"):
+            raise ValueError("dpo.reference_path is for copy / precomputed (source=copy); adapter_off uses the base")
+        return AdapterOffReference(backbone.model, prefix_sharing=prefix_sharing)
+    if mode == "copy":
+        return copy_reference()
+
+    source_mode = str(cfg.dpo.get("precompute_source", "adapter_off"))
+    if source_mode == "adapter_off":
+        source: Any = AdapterOffReference(backbone.model, prefix_sharing=prefix_sharing)
+        weights_path = str(backbone_cfg["name_or_path"])
+    elif source_mode == "copy":
+        source = copy_reference()
+        weights_path = reference_path
+    else:
+        raise ValueError(f"dpo.precompute_source must be adapter_off or copy, not {source_mode!r}")
+    root = Path(str(cfg.dpo.reference_cache_dir))
+    load_settings = {k: backbone_cfg.get(k) for k in ("dtype", "quantization", "bnb_compute_dtype", "attn_implementation")}
+    fingerprint = reference_fingerprint(weights_path, settings=load_settings,
+                                        model=getattr(source, "model", None) or backbone.model,
+                                        memo_path=root / "weight_hashes.json")
+    cache = ReferenceCache(root, data_fingerprint=datamodule.data_fingerprint, reference=fingerprint,
+                           processor=processor_fingerprint(datamodule.processor, datamodule.fmt),
+                           max_length=datamodule.settings.max_length)
+    batch_size = int(cfg.dpo.get("precompute_batch_size") or datamodule.settings.val_batch_size
+                     or datamodule.settings.batch_size)
+    return PrecomputedReference(
+        cache, source, datamodule.digests,
+        lambda ids, rank, world: datamodule.reference_batches(ids, rank=rank, world_size=world, batch_size=batch_size),
+        batch_size=batch_size, progress=bool(cfg.data.get("progress", True)),
+    )
+
+
+def _scalars(metrics: dict[str, Any], prefix: str) -> dict[str, float]:
+    out = {}
+    for key, value in metrics.items():
+        if key.startswith(prefix):
+            name = key[len(prefix):]
+            name = name[: -len("_epoch")] if name.endswith("_epoch") else name
+            if name.endswith("_step"):
+                continue
+            out[name] = float(value)
+    return dict(sorted(out.items()))
+
+
+def run_train_dpo(cfg: DictConfig, *, callbacks: Iterable[Any] = (), out_dir: Path | None = None) -> dict[str, Any]:
+    """Train, validate, export. Returns (and writes to ``<out_dir>/metrics.json``) the final metrics.
+
+    ``callbacks`` are extra Lightning callbacks (tests use one to simulate a crash)."""
+    from stllava_med.backbone import export_merged, has_bnb_layers, load_backbone
+    from stllava_med.chat import ChatFormat
+    from stllava_med.data.preference_dm import PreferenceDataModule, PreferenceDataSettings
+    from stllava_med.dpo.module import DPOModule, DPOSettings
+    from stllava_med.training import BnbCpuGuard, build_trainer, resume_checkpoint
+    from stllava_med.utils.io import atomic_write_json
+    from stllava_med.utils.runtime import finish_run, start_run
+
+    out_dir = out_dir or start_run(cfg, "dpo")
+    settings = DPOSettings.from_config(_container(cfg.dpo))
+    backbone_cfg = _container(cfg.backbone)
+    backbone = load_backbone(backbone_cfg, with_lora=True,
+                             gradient_checkpointing=bool(cfg.dpo.get("gradient_checkpointing", False)))
+    fmt = ChatFormat.from_config(backbone_cfg.get("chat"))
+    data_settings = PreferenceDataSettings.from_config(_container(cfg.data), seed=int(cfg.get("seed") or 0))
+    datamodule = PreferenceDataModule(data_settings, backbone.processor, fmt, out_dir=out_dir)
+    datamodule.setup("fit")  # the scan decides the pairs, and the precomputed reference is keyed by them
+    reference = build_reference(cfg, backbone, datamodule)
+    projector_modules = list((backbone_cfg.get("lora") or {}).get("projector_modules") or ["multi_modal_projector"])
+    module = DPOModule(backbone.model, reference, settings, _container(cfg.optim), projector_modules=projector_modules)
+
+    all_callbacks = list(callbacks)
+    if has_bnb_layers(backbone.model):
+        all_callbacks.insert(0, BnbCpuGuard())
+    trainer = build_trainer(_container(cfg.trainer), out_dir, logger_cfg=_container(cfg.get("logger")),
+                            callbacks=all_callbacks,
+                            checkpoint_every_n_steps=cfg.get("checkpoint_every_n_steps"),
+                            slurm_auto_requeue=bool(cfg.get("slurm_auto_requeue", False)))
+    ckpt = resume_checkpoint(out_dir)
+    if ckpt:
+        log.info("resuming from %s", ckpt)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
+    train_metrics = _scalars(dict(trainer.callback_metrics), "train/")
+    val_metrics: dict[str, float] = {}
+    if datamodule.val_entries:
+        results = trainer.validate(module, datamodule=datamodule, verbose=False)
+        val_metrics = _scalars(results[0] if results else {}, "val/")
+
+    export: dict[str, Any] = {}
+    if trainer.is_global_zero:
+        adapter_dir, merged_dir = out_dir / "adapter", out_dir / "merged"
+        if cfg.get("export", {}).get("merged", True):
+            try:
+                export_merged(backbone.model, backbone.processor, merged_dir, adapter_dir=adapter_dir)
+                export = {"adapter": str(adapter_dir), "merged": str(merged_dir)}
+            except ValueError as err:  # a 4-bit base cannot be merged here; the adapter was saved
+                log.warning("merged export skipped: %s", err)
+                export = {"adapter": str(adapter_dir), "merged": None, "merged_skipped": str(err)}
+        else:
+            backbone.model.save_pretrained(adapter_dir)
+            backbone.processor.save_pretrained(adapter_dir)
+            export = {"adapter": str(adapter_dir), "merged": None}
+    summary = {
+        "train": train_metrics, "val": val_metrics, "global_step": int(trainer.global_step),
+        "batches_per_epoch": int(trainer.num_training_batches), "reference": str(cfg.dpo.reference),
+        "pairs": {"train": len(datamodule.train_entries), "val": len(datamodule.val_entries),
+                  "skipped": datamodule.summary["scan"]["skipped"]},
+        "export": export,
+    }
+    if getattr(reference, "computed", None) is not None:
+        summary["reference_cache"] = {"dir": str(reference.cache.dir), "computed_now": reference.computed}
+    if trainer.is_global_zero:
+        atomic_write_json(out_dir / "metrics.json", summary)
+        finish_run(out_dir, "dpo", {"metrics": summary})
+        log.info("DPO done: %s", {k: round(v, 4) for k, v in val_metrics.items()} or train_metrics)
+    return summary
+
+
+@hydra.main(version_base="1.3", config_path="../../conf", config_name="dpo")
+def main(cfg: DictConfig) -> None:
+    run_train_dpo(cfg)
+
+
+if __name__ == "__main__":
+    main()
