@@ -37,7 +37,26 @@ def test_primary_config_composes_and_resolves(primary):
     _resolve(compose(primary))
 
 
-CASES = [(p, g, o) for p in PRIMARY for g in GROUPS if _uses(p, g) for o in _options(g)]
+ENTRY_TO_PRIMARY = {"train_sft": "sft", "train_dpo": "dpo"}
+
+
+def _experiment_targets(option: str) -> set[str]:
+    """An experiment file names the command it is for (``python -m stllava_med.<entry>``)."""
+    text = (CONF_DIR / "experiment" / f"{option}.yaml").read_text()
+    return {ENTRY_TO_PRIMARY.get(e, e) for e in re.findall(r"stllava_med\.(\w+)", text)}
+
+
+def _applies(primary: str, group: str, option: str) -> bool:
+    return group != "experiment" or primary in _experiment_targets(option)
+
+
+CASES = [(p, g, o) for p in PRIMARY for g in GROUPS if _uses(p, g) for o in _options(g) if _applies(p, g, o)]
+
+
+def test_every_experiment_names_a_primary_that_uses_experiments():
+    for option in _options("experiment"):
+        targets = _experiment_targets(option)
+        assert targets and all(t in PRIMARY and _uses(t, "experiment") for t in targets), (option, targets)
 
 
 @pytest.mark.parametrize(("primary", "group", "option"), CASES, ids=[f"{p}-{g}={o}" for p, g, o in CASES])
