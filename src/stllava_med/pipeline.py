@@ -235,7 +235,8 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
     summary["plot"] = str(plot) if plot else None
     atomic_write_json(root / "pipeline_summary.json", summary)
     save_config(cfg, root, name="pipeline_config.yaml")
-    finish_run(root, "pipeline", {"metrics": {label: {ds: {k: m.get(k) for k in _METRICS} for ds, m in ev.items()
+    dpo_dirs = [stages[f"{g}/dpo"]["dir"] for g in dpo_summaries]
+    finish_run(root, "pipeline", {"log_dirs": dpo_dirs, "metrics": {label: {ds: {k: m.get(k) for k in _METRICS} for ds, m in ev.items()
                                                       if isinstance(m, dict)} for label, ev in evaluations.items()},
                                   "dpo": {g: {"train_reward_accuracy": s.get("train", {}).get("rewards/accuracy"),
                                               "val_reward_accuracy": s.get("val", {}).get("rewards/accuracy")}

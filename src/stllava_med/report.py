@@ -79,6 +79,8 @@ def collect(multirun_dir: Path) -> list[dict[str, Any]]:
             info = json.loads((job_dir / "run_info.json").read_text())
             row["stage"] = info.get("stage")
             row["out_dir"] = info.get("out_dir")
+            # where this job's training logs are (a pipeline's DPO stages; a train_dpo job's own run dir)
+            row["log_dirs"] = list(info.get("log_dirs") or [info.get("out_dir")])
             for key, value in _flatten({k: v for k, v in info.items() if k not in ("stage", "out_dir")}).items():
                 row[key] = value
         rows.append(row)
@@ -87,9 +89,10 @@ def collect(multirun_dir: Path) -> list[dict[str, Any]]:
 
 def _columns(rows: list[dict[str, Any]]) -> list[str]:
     first = ["job", "status"]
-    params = sorted({k for r in rows for k in r if "=" not in k and "/" not in k} - {*first, "reason", "stage", "out_dir"})
+    params = sorted({k for r in rows for k in r if "=" not in k and "/" not in k}
+                    - {*first, "reason", "stage", "out_dir", "log_dirs"})
     metrics = sorted({k for r in rows for k in r if "/" in k})
-    return [*first, *params, *metrics, "stage", "reason", "out_dir"]
+    return [*first, *params, *metrics, "stage", "reason", "out_dir"]  # log_dirs: plotting only
 
 
 def write_csv(rows: list[dict[str, Any]], path: Path) -> Path:
@@ -168,20 +171,22 @@ def plot_reward_accuracy(rows: list[dict[str, Any]], out_dir: Path) -> Path | No
     fig, ax = plt.subplots(figsize=(5, 3.5))
     drawn = 0
     for row in rows:
-        if row["status"] != "ok" or not row.get("out_dir"):
+        if row["status"] != "ok":
             continue
-        for metrics_csv in sorted(Path(row["out_dir"]).rglob("metrics.csv")):
+        for metrics_csv in sorted(p for d in row.get("log_dirs") or [] if d for p in Path(d).rglob("metrics.csv")):
             with open(metrics_csv, encoding="utf-8") as fh:
                 records = list(csv.DictReader(fh))
             if not records:
                 continue
-            column = next((c for c in records[0] if _REWARD_ACC.match(c)), None)
+            matching = [c for c in records[0] if _REWARD_ACC.match(c)]
+            # per-step values when logged, else the per-epoch ones
+            column = next((c for c in matching if c.endswith("_step")), matching[0] if matching else None)
             if column is None:
                 continue
             points = [(int(float(r["step"])), float(r[column])) for r in records if r.get(column) not in ("", None)]
             if points:
                 label = ", ".join(f"{k}={row[k]}" for k in row if "." in k and "/" not in k) or f"job {row['job']}"
-                ax.plot([p[0] for p in points], [p[1] for p in points], label=label[:40])
+                ax.plot([p[0] for p in points], [p[1] for p in points], marker=".", label=label[:40])
                 drawn += 1
     if not drawn:
         plt.close(fig)
@@ -215,7 +220,7 @@ def build_report(multirun_dir: str | Path, out: str | Path | None = None) -> dic
                "missing": sum(r["status"] == "missing" for r in rows),
                "csv": str(csv_path), "table": str(out_dir / "results.md"), "plots": plots}
     atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
-    return {"rows": rows, "table": table, **summary}
+    return {"rows": rows, "markdown": table, **summary}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -230,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     except FileNotFoundError as err:
         print(f"report: {err}", file=sys.stderr)
         return 2
-    print(result["table"])
+    print(result["markdown"])
     print(f"{result['ok']}/{result['jobs']} jobs ok, {result['failed']} failed, {result['missing']} missing")
     print(f"written: {result['csv']}, {result['table']}, {len(result['plots'])} plot(s)")
     return 0
