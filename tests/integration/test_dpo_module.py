@@ -89,7 +89,7 @@ def test_a_short_run_learns_its_training_pairs(tmp_path, tiny_backbone_path):
     dm = make_datamodule(backbone, shard, batch_size=8)
     module = DPOModule(backbone.model, AdapterOffReference(backbone.model), DPOSettings(beta=0.1),
                        {"lr": 5e-3, "projector_lr": 5e-3, "warmup_ratio": 0.0})
-    quiet_trainer(max_steps=24, limit_val_batches=0).fit(module, datamodule=dm)
+    quiet_trainer(max_steps=40, limit_val_batches=0).fit(module, datamodule=dm)
     module.eval()
     correct = total = 0
     with torch.no_grad():

@@ -63,7 +63,7 @@ def trained(tmp_path_factory, tiny_backbone_path):
 
 
 def _logged(out_dir: Path, key: str) -> list[tuple[int, float]]:
-    with open(out_dir / "logs" / "csv" / "metrics.csv") as fh:
+    with open(out_dir / "logs" / "csv" / "version_0" / "metrics.csv") as fh:
         return [(int(row["step"]), float(row[key])) for row in csv.DictReader(fh) if row.get(key)]
 
 
