@@ -77,3 +77,13 @@ def compose(config_name: str, overrides: list[str] | None = None):
 @pytest.fixture()
 def compose_config():
     return compose
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module (restored afterwards): tiny models gain nothing from a second thread, and
+    on a busy 2-core runner two OpenMP threads spinning against other work made runs several times slower."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

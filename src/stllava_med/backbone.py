@@ -10,14 +10,12 @@ a normal HF directory, so every stage runs offline on a laptop CPU.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -231,15 +229,6 @@ def _cache_is_current(path: Path, spec: TinySpec) -> bool:
         return False
 
 
-@contextlib.contextmanager
-def _file_lock(lock_path: Path) -> Iterator[None]:
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def ensure_tiny_backbone(path: str | os.PathLike, spec: TinySpec) -> Path:
@@ -251,7 +240,9 @@ def ensure_tiny_backbone(path: str | os.PathLike, spec: TinySpec) -> Path:
     path = Path(path)
     if _cache_is_current(path, spec):
         return path
-    with _file_lock(path.parent / f".{path.name}.lock"):
+    from stllava_med.utils.io import file_lock
+
+    with file_lock(path.parent / f".{path.name}.lock"):
         if _cache_is_current(path, spec):
             return path
         if path.exists():

@@ -15,11 +15,9 @@ lock per stage makes the first job run a shared stage and the others wait for it
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from stllava_med.utils import config as _config  # noqa: F401  (registers resolvers)
 from stllava_med.utils.config import config_fingerprint, project_root
-from stllava_med.utils.io import atomic_write_json, atomic_write_text
+from stllava_med.utils.io import atomic_write_json, atomic_write_text, file_lock
 
 log = logging.getLogger("stllava_med.pipeline")
 
@@ -100,21 +98,12 @@ def stage_config(cfg: DictConfig, stage: str, *, backbone: dict[str, Any] | None
 # --------------------------------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def run_stage(label: str, stage_dir: Path, runner: Callable[[Path], dict[str, Any]]) -> dict[str, Any]:
     """Run ``runner(stage_dir)`` unless ``stage_dir/DONE.json`` says it already finished; record its summary."""
     done = stage_dir / "DONE.json"
-    with _locked(stage_dir.parent / f".{stage_dir.name}.lock"):
+    with file_lock(stage_dir.parent / f".{stage_dir.name}.lock"):
         if done.is_file():
             log.info("%s: reusing the finished stage in %s", label, stage_dir)
             return {**json.loads(done.read_text()), "reused": True}

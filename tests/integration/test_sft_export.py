@@ -13,15 +13,9 @@ from stllava_med.data.sft_datamodule import SFTDataModule, SFTDataset, SFTDataSe
 from stllava_med.data.vqa import load_vqa_rad
 from stllava_med.sft.module import SFTModule, SFTOptimSettings
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("one_thread")]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def _logits(model, batch) -> torch.Tensor:

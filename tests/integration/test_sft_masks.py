@@ -16,17 +16,9 @@ from stllava_med.data.instruct import InstructRecord, Message, vqa_to_conversati
 from stllava_med.data.sft_datamodule import ConversationTooLong, SFTDataset, collate_sft
 from stllava_med.data.vqa import load_image, load_vqa_rad
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("one_thread")]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from a second thread, and on a shared 2-core runner OpenMP threads
-    spinning against other work made these runs several times slower; restored afterwards."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 # llava-hf/llava-1.5-7b-hf's chat template, verbatim.
 LLAVA15_TEMPLATE = (

@@ -7,21 +7,14 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 from lightning.pytorch import Callback
 
 from stllava_med.train_sft import run_train_sft
 from stllava_med.training import BnbCpuGuard
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("one_thread")]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 class LanguageLoraGradients(Callback):

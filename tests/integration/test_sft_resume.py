@@ -14,17 +14,9 @@ from safetensors.torch import load_file
 
 from stllava_med.train_sft import run_train_sft
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("one_thread")]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from a second thread, and on a shared 2-core runner OpenMP threads
-    spinning against other work made these runs several times slower; restored afterwards."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 class CrashAt(Callback):

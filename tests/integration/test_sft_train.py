@@ -30,17 +30,9 @@ def compose(config_name: str, overrides: list[str]):
     with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
         return hydra_compose(config_name=config_name, overrides=overrides)
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("one_thread")]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from a second thread, and on a shared 2-core runner OpenMP threads
-    spinning against other work made these runs several times slower; restored afterwards."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 # The documented tiny recipe (conf/experiment/sft_tiny.yaml: 300 steps, batch 2, lr 5e-3), as shipped.
 TRAIN_OVERRIDES = ["experiment=sft_tiny", "logger=csv", "trainer.enable_progress_bar=false"]

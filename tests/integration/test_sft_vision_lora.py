@@ -13,17 +13,9 @@ from stllava_med.data.sft_datamodule import SFTDataset, collate_sft
 from stllava_med.data.vqa import load_vqa_rad
 from stllava_med.sft.module import SFTModule, SFTOptimSettings
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("one_thread")]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from a second thread, and on a shared 2-core runner OpenMP threads
-    spinning against other work made these runs several times slower; restored afterwards."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def _batch(processor, sample_dir, n: int = 2):

@@ -26,12 +26,12 @@ import json
 import logging
 import os
 import re
-from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from stllava_med.data.vqa import LoadReport
 from stllava_med.utils.io import atomic_write_text, load_json, read_jsonl
 
 log = logging.getLogger(__name__)
@@ -187,22 +187,8 @@ def pair_problem(pair: PreferencePair, image_paths: Sequence[Path]) -> str | Non
     return None
 
 
-@dataclass
-class SkipReport:
-    """What a reader kept and skipped (with reasons and a few examples), for logs and run summaries."""
-
-    read: int = 0
-    kept: int = 0
-    skipped: Counter = field(default_factory=Counter)
-    examples: list[str] = field(default_factory=list)
-
-    def skip(self, reason: str, detail: str) -> None:
-        self.skipped[reason] += 1
-        if len(self.examples) < 20:
-            self.examples.append(f"{reason}: {detail}")
-
-    def to_json(self) -> dict[str, Any]:
-        return {"read": self.read, "kept": self.kept, "skipped": dict(self.skipped), "skip_examples": self.examples}
+# What a reader kept and skipped: the same report the VQA loaders give.
+SkipReport = LoadReport
 
 
 def handle_bad(report: SkipReport, policy: str, reason: str, where: str, detail: str = "") -> None:

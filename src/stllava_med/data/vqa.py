@@ -64,9 +64,10 @@ class VQARecord:
 
 @dataclass
 class LoadReport:
-    """What a loader read, kept and skipped (with reasons), for logs and run summaries."""
+    """What a loader or reader read, kept and skipped (with reasons and a few examples), for logs and run
+    summaries. Shared by the VQA loaders and the preference-pair readers."""
 
-    source: str
+    source: str = ""
     read: int = 0
     kept: int = 0
     skipped: Counter = field(default_factory=Counter)
@@ -78,8 +79,8 @@ class LoadReport:
             self.examples.append(f"{reason}: {detail}")
 
     def to_json(self) -> dict[str, Any]:
-        return {"source": self.source, "read": self.read, "kept": self.kept, "skipped": dict(self.skipped),
-                "skip_examples": self.examples}
+        counts = {"read": self.read, "kept": self.kept, "skipped": dict(self.skipped), "skip_examples": self.examples}
+        return {"source": self.source, **counts} if self.source else counts
 
 
 class ImageError(ValueError):

@@ -18,12 +18,11 @@ bitsandbytes repacks 4-bit weights after an eval-mode forward without gradients 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import logging
 import math
 import os
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -31,7 +30,7 @@ import torch
 from torch import nn
 
 from stllava_med.dpo.logps import LogProbs
-from stllava_med.utils.io import atomic_write_json, sha256_file, stable_hash
+from stllava_med.utils.io import atomic_write_json, file_lock, sha256_file, stable_hash
 
 log = logging.getLogger(__name__)
 
@@ -171,15 +170,6 @@ class ReferenceCacheError(ValueError):
     """A reference cache entry is unusable (non-finite, malformed or missing); the message names it."""
 
 
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 class ReferenceCache:
@@ -242,7 +232,7 @@ class ReferenceCache:
                                       "check the reference weights and dtype")
         lines = "".join(json.dumps({"id": i, "digest": digests[i], "ref_chosen_logps": c, "ref_rejected_logps": r})
                         + "\n" for i, c, r in zip(ids, chosen_values, rejected_values))
-        with _locked(self.lock):
+        with file_lock(self.lock):
             self._ensure_meta()
             with open(self.path, "a", encoding="utf-8") as fh:
                 fh.write(lines)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -110,3 +112,17 @@ def stable_hash(obj: Any, n: int = 16) -> str:
     """Hash of a JSON-serialisable object, independent of dict order."""
     payload = json.dumps(obj, sort_keys=True, ensure_ascii=False, default=_json_default)
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:n]
+
+
+@contextlib.contextmanager
+def file_lock(path: str | os.PathLike) -> Iterator[None]:
+    """An exclusive advisory lock on ``path`` (created if needed) for the duration of the block: serialises
+    processes that build or append the same thing (sweep jobs sharing a cache or a pipeline stage)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
