@@ -73,9 +73,8 @@ def _overlay(base: DictConfig, key: str, section: Any) -> None:
 def stage_config(cfg: DictConfig, stage: str, *, backbone: dict[str, Any] | None = None,
                  **fields: Any) -> DictConfig:
     """The config a stage runs with inside the pipeline."""
-    compose_name = {"sft": "sft", "generate": "generate", "judge": "judge", "dpo": "dpo", "evaluate": "evaluate"}[stage]
     overrides = [str(o) for o in (cfg.stage_overrides.get(stage) or [])]
-    stage_cfg = compose_stage(compose_name, overrides)
+    stage_cfg = compose_stage(stage, overrides)  # the stage names are the primary config names
     OmegaConf.set_struct(stage_cfg, False)
     if backbone is not None:
         stage_cfg.backbone = OmegaConf.create(backbone)
