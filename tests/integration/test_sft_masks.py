@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 
+from conftest import LLAVA15_TEMPLATE
 from stllava_med.backbone import load_processor
 from stllava_med.chat import IGNORE_INDEX, ChatFormat, encode, prompt_text
 from stllava_med.data.instruct import InstructRecord, Message, vqa_to_conversations
@@ -20,16 +21,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("one_thread")]
 
 
 
-# llava-hf/llava-1.5-7b-hf's chat template, verbatim.
-LLAVA15_TEMPLATE = (
-    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}{% endif %}"
-    "{# Render all images first #}{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
-    "{{ '<image>\n' }}{% endfor %}{# Render all text next #}{% if message['role'] != 'assistant' %}"
-    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] + ' '}}"
-    "{% endfor %}{% else %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
-    "{% generation %}{{ content['text'] + ' '}}{% endgeneration %}{% endfor %}{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
-)
 SYSTEM = "You are a careful radiology assistant."
 
 

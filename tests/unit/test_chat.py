@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import LLAVA15_TEMPLATE
 from stllava_med.chat import (
     IGNORE_INDEX,
     ChatFormat,
@@ -18,18 +19,6 @@ from stllava_med.chat import (
     encode,
     prompt_text,
     render_with_spans,
-)
-
-# The chat template that llava-hf ships with LLaVA-1.5 (chat_template.json): no end-of-turn marker after
-# assistant turns, and "ASSISTANT:" as the generation prompt.
-LLAVA15_TEMPLATE = (
-    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}{% endif %}"
-    "{# Render all images first #}{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
-    "{{ '<image>\n' }}{% endfor %}{# Render all text next #}{% if message['role'] != 'assistant' %}"
-    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] + ' '}}"
-    "{% endfor %}{% else %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
-    "{% generation %}{{ content['text'] + ' '}}{% endgeneration %}{% endfor %}{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
 )
 
 TURNS = [

@@ -182,6 +182,13 @@ def _finish(records: list[VQARecord], report: LoadReport, on_missing_image: str)
     return kept
 
 
+def _split_file(root: Path, names: Mapping[str, str], split: str, dataset: str) -> Path:
+    """The file of ``split`` in a benchmark folder; an unknown split is an error listing the valid ones."""
+    if split not in names:
+        raise ValueError(f"{dataset} split must be one of {sorted(names)}, not {split!r}")
+    return root / names[split]
+
+
 def load_vqa_rad(root: str | Path, split: str = "test", *, on_missing_image: str = "error",
                  image_dir: str | Path | None = None) -> tuple[list[VQARecord], LoadReport]:
     """VQA-RAD in the MEVF split files ``trainset.json`` / ``testset.json`` (images in ``images/``).
@@ -189,10 +196,7 @@ def load_vqa_rad(root: str | Path, split: str = "test", *, on_missing_image: str
     Record ids are ``qid - 1`` to match LLaVA-Med's VQA-RAD ``test.json`` (so answer files from LLaVA-Med
     score against ours without remapping)."""
     root = Path(root)
-    names = {"train": "trainset.json", "test": "testset.json"}
-    if split not in names:
-        raise ValueError(f"VQA-RAD split must be one of {sorted(names)}, not {split!r}")
-    path = root / names[split]
+    path = _split_file(root, {"train": "trainset.json", "test": "testset.json"}, split, "VQA-RAD")
     images = Path(image_dir) if image_dir else root / "images"
     report = LoadReport(source=str(path))
     records = []
@@ -257,10 +261,8 @@ def load_slake(root: str | Path, split: str = "test", *, language: str | None = 
     ``language`` filters on ``q_lang`` (``en`` is the usual benchmark; ``zh`` or ``None`` for all). Record ids
     are the ``qid`` field, which is LLaVA-Med's SLAKE id."""
     root = Path(root)
-    names = {"train": "train.json", "validate": "validate.json", "val": "validate.json", "test": "test.json"}
-    if split not in names:
-        raise ValueError(f"SLAKE split must be one of {sorted(names)}, not {split!r}")
-    path = root / names[split]
+    path = _split_file(root, {"train": "train.json", "validate": "validate.json", "val": "validate.json",
+                              "test": "test.json"}, split, "SLAKE")
     images = Path(image_dir) if image_dir else root / "imgs"
     report = LoadReport(source=str(path))
     records = []
