@@ -23,17 +23,8 @@ MEDVQA_DIR = Path(os.environ.get("MEDVQA_ROOT", REPO_ROOT.parent / "shared" / "d
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 # The chat template that llava-hf ships with LLaVA-1.5 (chat_template.json): no end-of-turn marker after
-# assistant turns, and "ASSISTANT:" as the generation prompt.
-LLAVA15_TEMPLATE = (
-    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}{% endif %}"
-    "{# Render all images first #}{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
-    "{{ '<image>\n' }}{% endfor %}{# Render all text next #}{% if message['role'] != 'assistant' %}"
-    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] + ' '}}"
-    "{% endfor %}{% else %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
-    "{% generation %}{{ content['text'] + ' '}}{% endgeneration %}{% endfor %}{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
-)
-
+# assistant turns, and "ASSISTANT:" as the generation prompt. It lives with the tiny LLaVA-1.5 builder.
+from families.builders.llava15 import LLAVA15_TEMPLATE  # noqa: E402,F401
 
 
 @pytest.fixture(scope="session")
