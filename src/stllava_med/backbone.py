@@ -317,9 +317,24 @@ def quantization_config(quantization: str | None, compute_dtype: str | None = "b
 
 
 def load_processor(name_or_path: str, *, trust_remote_code: bool = False, padding_side: str | None = None) -> Any:
-    from transformers import AutoProcessor
+    """The model's processor with its family bound (:func:`stllava_med.families.bind`): the family's own chat
+    template installed where it has one. Qwen2-VL-family processors load without torchvision (their video
+    processor needs it; images use the PIL backend) — see :mod:`stllava_med.families.processor_loading`."""
+    from transformers import AutoConfig
 
-    processor = AutoProcessor.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    from stllava_med.families import bind, family_of
+    try:
+        from stllava_med.families.processor_loading import load_processor_components
+    except ImportError:  # TEMP until processor_loading lands
+        from transformers import AutoProcessor
+
+        def load_processor_components(path, trust_remote_code=False):
+            return AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+
+    config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    family = family_of(config)
+    processor = load_processor_components(name_or_path, trust_remote_code=trust_remote_code)
+    bind(processor, family, config)
     tokenizer = processor.tokenizer
     if tokenizer.pad_token is None:  # LLaMA-family tokenizers ship without one
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
@@ -367,17 +382,31 @@ class LoraSettings:
     """LoRA on the language model (always), on the vision tower (``vision=True``), projector fully trained.
 
     Target modules are regular expressions matched against full module names (peft's ``fullmatch``), so one
-    setting covers a family regardless of nesting depth."""
+    setting covers a family regardless of nesting depth. Left null, each comes from the model's family
+    (:mod:`stllava_med.families`): ``language_model`` / ``text_model`` projections, the family's vision
+    tower (``vision_tower``, Qwen's ``visual.blocks``, Idefics3's ``vision_model``) and projector
+    (``multi_modal_projector``, ``merger``, ``connector``)."""
 
     enabled: bool = False
     r: int = 8
     alpha: int = 16
     dropout: float = 0.05
-    target_modules: str = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+    target_modules: str | None = None
     vision: bool = False
-    vision_target_modules: str = r".*vision_tower.*\.(q_proj|k_proj|v_proj|out_proj|fc1|fc2)"
-    projector_modules: list[str] = field(default_factory=lambda: ["multi_modal_projector"])
+    vision_target_modules: str | None = None
+    projector_modules: list[str] | None = None
     train_projector: bool = True
+
+    def for_family(self, family: Any) -> LoraSettings:
+        """These settings with every null module choice filled in from ``family``."""
+        import dataclasses
+
+        return dataclasses.replace(
+            self,
+            target_modules=self.target_modules or family.lora_targets,
+            vision_target_modules=self.vision_target_modules or family.vision_lora_targets,
+            projector_modules=list(self.projector_modules or family.projector_modules),
+        )
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any] | None) -> LoraSettings:
@@ -402,6 +431,10 @@ def apply_lora(model: nn.Module, settings: LoraSettings, *, gradient_checkpointi
     the ``adapter_off`` DPO reference needs."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
+    from stllava_med.families import family_of
+
+    family = family_of(model)
+    settings = settings.for_family(family)
     if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
     elif gradient_checkpointing:
@@ -429,8 +462,10 @@ def apply_lora(model: nn.Module, settings: LoraSettings, *, gradient_checkpointi
             f"LoRA target regex {settings.target_regex()!r} matched no module; set backbone.lora.target_modules "
             "for this model family"
         )
-    if settings.vision and not any("vision" in n and "lora_A" in n for n, _ in peft_model.named_parameters()):
-        raise ValueError("backbone.lora.vision=true but the vision target regex matched nothing")
+    if settings.vision and not any(family.is_vision_parameter(n) and "lora_A" in n
+                                   for n, _ in peft_model.named_parameters()):
+        raise ValueError(f"backbone.lora.vision=true but the vision target regex {settings.vision_target_modules!r} "
+                         f"matched nothing in the {family.name} vision tower")
     return peft_model
 
 

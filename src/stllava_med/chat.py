@@ -6,18 +6,22 @@ ask) at generation time is byte-for-byte the prefix it was trained on.
 Roles: ``system``, ``user``, ``assistant`` and the **questioner** (STLLaVA-Med's third role, "VUSER" in the
 official code). A questioner turn is the model speaking a question about the image; it is passed to the chat
 template under ``questioner_role`` (``vuser`` by default). Templates that render ``role.upper() + ': '``
-(LLaVA-1.5), ``<|im_start|>role`` (Qwen) or ``role | capitalize`` (SmolVLM) all accept an extra role name, so no
-template needs editing.
+(LLaVA-1.5), ``<|im_start|>role`` (Qwen) or ``role | capitalize`` (SmolVLM) accept an extra role name as
+published; for families whose published template cannot (Mistral's ``[INST]``, Gemma 3), the family layer
+installs a template of ours that renders user and assistant turns token-identically and adds the questioner
+in the family's idiom (:mod:`stllava_med.families`).
 
 Target masks are found from the text, not from hand-written token arithmetic: the conversation is rendered turn
 by turn, each turn's segment is located, and a token is a target when its character offset falls inside a
-target span (the turn's content plus its end-of-turn marker). When a template adds no end-of-turn marker after
-a model turn (llava-hf's LLaVA-1.5 template), the tokenizer's EOS is appended so the model learns to stop.
+target span (the turn's content plus its end-of-turn marker — the family's, e.g. ``<|im_end|>``,
+``<end_of_utterance>``, ``<end_of_turn>``). When a template adds no end-of-turn marker after a model turn
+(llava-hf's LLaVA-1.5 template), the tokenizer's EOS is appended so the model learns to stop. Image
+placeholders expand inside the processor; target spans follow them through its replacement offsets.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -132,7 +136,10 @@ def render_with_spans(processor: Any, turns: Sequence[Turn], fmt: ChatFormat, *,
     """Render ``turns`` and return the text plus the character spans that are training targets."""
     messages = to_messages(turns, fmt, image=image)
     offset = 1 if (fmt.system_prompt and (not turns or turns[0].role != "system")) else 0
-    eos = processor.tokenizer.eos_token or ""
+    from stllava_med.families import processor_family
+
+    family = processor_family(processor)
+    eos = family.end_of_turn_text(processor)
     pieces: list[str] = []
     spans: list[Span] = []
     previous = _render(processor, messages[:offset])
@@ -162,9 +169,12 @@ def render_with_spans(processor: Any, turns: Sequence[Turn], fmt: ChatFormat, *,
         body = segment[len(stripped):]
         content_end = len(header) - len(stripped) + len(turn.text)
         tail = body[content_end:]
-        if eos and eos in tail:
+        marker = family.questioner_stop if (turn.role == "questioner" and family.questioner_stop) else eos
+        if marker and marker in tail:
             # the end-of-turn marker is a target; what follows it (newlines, next headers) is not
-            end_in_body = content_end + tail.index(eos) + len(eos)
+            end_in_body = content_end + tail.index(marker) + len(marker)
+        elif family.end_of_turn is not None or marker != eos:
+            raise TemplateError(f"turn {index} ({turn.role}): the chat template wrote no {marker!r} after it")
         else:
             # template without an end-of-turn marker: append EOS so the model learns to stop
             body = body[:content_end] + eos + tail
@@ -179,11 +189,30 @@ def _sentinel_content(message: dict[str, Any]) -> list[dict[str, str]]:
     return [item if item.get("type") != "text" else {"type": "text", "text": _SENTINEL} for item in message["content"]]
 
 
-def _image_token_id(processor: Any) -> int | None:
-    token = getattr(processor, "image_token", None)
-    if token is None:
-        return None
-    return processor.tokenizer.convert_tokens_to_ids(token)
+def tokenizer_kwargs(processor: Any, text: str | Sequence[str]) -> dict[str, Any]:
+    """``add_special_tokens=False`` when the rendered text already starts with the BOS token (Gemma's and
+    Mistral's templates write it), so it is never doubled; the tokenizer's default otherwise."""
+    bos = processor.tokenizer.bos_token
+    first = text if isinstance(text, str) else (text[0] if text else "")
+    return {"add_special_tokens": False} if bos and first.startswith(bos) else {}
+
+
+def _shift_map(replacements: Sequence[Mapping[str, Any]]) -> Callable[[int], int]:
+    """Map a character position of the rendered text to the processor's expanded text (image placeholders
+    replaced by their token strings), from the processor's own replacement offsets."""
+    edits = sorted((int(r["span"][0]), int(r["span"][1]), int(r["new_span"][1]) - int(r["new_span"][0]))
+                   for r in replacements)
+
+    def shift(position: int) -> int:
+        moved = 0
+        for start, end, new_length in edits:
+            if end <= position:
+                moved += new_length - (end - start)
+            elif start < position:
+                raise TemplateError("a training target overlaps an image placeholder")
+        return position + moved
+
+    return shift
 
 
 def encode(processor: Any, turns: Sequence[Turn], fmt: ChatFormat, image: Any | None, *,
@@ -191,46 +220,42 @@ def encode(processor: Any, turns: Sequence[Turn], fmt: ChatFormat, image: Any | 
     """Tokenise a conversation (with its image) and build labels from the target spans.
 
     Image placeholders are expanded by the processor itself, so the image-token count always matches the
-    model. Raises :class:`SequenceTooLong` when the result exceeds ``max_length`` — conversations are never
-    truncated, because cutting image tokens breaks the model and cutting answers changes the targets."""
+    model; target spans are moved into the expanded text with the processor's replacement offsets, so they
+    are exact for any expansion (LLaVA's repeated token, Idefics3's tiles wrapped in
+    ``<fake_token_around_image>``, Gemma's ``<start_of_image>`` block, Qwen's merged patches). Raises
+    :class:`SequenceTooLong` when the result exceeds ``max_length`` — conversations are never truncated,
+    because cutting image tokens breaks the model and cutting answers changes the targets."""
+    from stllava_med.families import processor_family
+
+    family = processor_family(processor)
     text, spans = render_with_spans(processor, turns, fmt, image=image is not None, target_roles=target_roles)
-    kwargs: dict[str, Any] = {"text": [text], "return_tensors": "pt", "return_offsets_mapping": True}
+    kwargs: dict[str, Any] = {"text": [text], "return_tensors": "pt", "return_offsets_mapping": True,
+                              **tokenizer_kwargs(processor, text)}
     if image is not None:
-        kwargs["images"] = [image]
+        kwargs["images"] = family.processor_images([image])
+        kwargs["return_text_replacement_offsets"] = True
     batch = processor(**kwargs)
     input_ids = batch["input_ids"][0]
     offsets = batch["offset_mapping"][0]
-    shift = 0
-    image_id = _image_token_id(processor)
-    if image is not None and image_id is not None:
-        positions = (input_ids == image_id).nonzero().flatten()
-        if positions.numel() == 0:
-            raise TemplateError("the processor inserted no image tokens")
-        # Expansion only inserts characters where the placeholder stood; every target span lies after the
-        # last image, so one shift (expanded end of the last image run minus its original end) maps them.
-        placeholder = processor.image_token
-        original_end = text.rfind(placeholder) + len(placeholder)
-        shift = int(offsets[positions[-1], 1]) - original_end
-        last_image_token = int(positions[-1])
-    else:
-        last_image_token = -1
+    replacements = (batch.get("text_replacement_offsets") or [[]])[0] if image is not None else []
+    if image is not None and not replacements:
+        raise TemplateError(f"{type(processor).__name__}: the processor expanded no image placeholder")
+    shift = _shift_map(replacements)
     starts = offsets[:, 0]
     ends = offsets[:, 1]
     labels = torch.full_like(input_ids, IGNORE_INDEX)
     target_role = torch.zeros_like(input_ids)
     for span in spans:
-        lo, hi = span.start + shift, span.end + shift
+        lo, hi = shift(span.start), shift(span.end)
         inside = (starts >= lo) & (starts < hi) & (ends > starts)
-        inside[: last_image_token + 1] = False
         labels[inside] = input_ids[inside]
         target_role[inside] = 1 if span.role == "assistant" else 2
     if max_length is not None and input_ids.shape[0] > max_length:
         raise SequenceTooLong(int(input_ids.shape[0]), max_length)
-    extra = {k: v[0] if k != "pixel_values" else v for k, v in batch.items()
-             if k not in ("input_ids", "attention_mask", "offset_mapping", "pixel_values")}
-    pixel_values = batch.get("pixel_values")
+    skip = ("input_ids", "attention_mask", "offset_mapping", "pixel_values", "text_replacement_offsets")
+    extra = {k: v for k, v in batch.items() if k not in skip and isinstance(v, torch.Tensor)}
     return Encoded(input_ids=input_ids, labels=labels, target_role=target_role,
-                   pixel_values=pixel_values, extra=extra)
+                   pixel_values=batch.get("pixel_values"), extra=extra)
 
 
 class SequenceTooLong(ValueError):

@@ -127,7 +127,7 @@ def run_train_dpo(cfg: DictConfig, *, callbacks: Iterable[Any] = (), out_dir: Pa
     datamodule = PreferenceDataModule(data_settings, backbone.processor, fmt, out_dir=out_dir)
     datamodule.setup("fit")  # the scan decides the pairs, and the precomputed reference is keyed by them
     reference = build_reference(cfg, backbone, datamodule)
-    projector_modules = list((backbone_cfg.get("lora") or {}).get("projector_modules") or ["multi_modal_projector"])
+    projector_modules = list((backbone_cfg.get("lora") or {}).get("projector_modules") or []) or None
     module = DPOModule(backbone.model, reference, settings, _container(cfg.optim), projector_modules=projector_modules)
 
     all_callbacks = list(callbacks)

@@ -75,9 +75,12 @@ def unfreeze_for_full_finetune(model: Any, *, train_vision: bool = False) -> int
     the model a vocabulary; pretrained backbones use LoRA as the paper does."""
     if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
         raise ValueError("sft.finetune=full cannot train a 4-bit/8-bit base; use sft.finetune=lora (QLoRA)")
+    from stllava_med.families import family_of
+
+    family = family_of(model)
     count = 0
     for name, param in model.named_parameters():
-        param.requires_grad = train_vision or "vision_tower" not in name
+        param.requires_grad = train_vision or not family.is_vision_parameter(name)
         count += param.numel() if param.requires_grad else 0
     return count
 

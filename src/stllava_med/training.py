@@ -28,16 +28,23 @@ log = logging.getLogger(__name__)
 
 
 def param_groups(model: nn.Module, *, lr: float, projector_lr: float | None = None, weight_decay: float = 0.0,
-                 projector_modules: Sequence[str] = ("multi_modal_projector",)) -> list[dict[str, Any]]:
+                 projector_modules: Sequence[str] | None = None) -> list[dict[str, Any]]:
     """Trainable parameters in up to four groups: LoRA / other with and without weight decay, and the
     projector at its own learning rate (the paper: LoRA 2e-4 or 5e-6, projector 2e-5).
 
     Biases and norm weights get no weight decay (the usual convention)."""
+    if projector_modules:
+        def projector(name: str) -> bool:
+            return is_projector_parameter(name, tuple(projector_modules))
+    else:  # the family knows its projector (LLaVA's multi_modal_projector, Qwen's visual.merger, ...)
+        from stllava_med.families import family_of
+
+        projector = family_of(model).is_projector_parameter
     groups: dict[str, dict[str, Any]] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        is_proj = is_projector_parameter(name, tuple(projector_modules))
+        is_proj = projector(name)
         no_decay = param.ndim < 2 or "norm" in name.lower() or name.endswith(".bias")
         key = ("projector" if is_proj else "lora" if is_lora_parameter(name) else "other") + ("_nd" if no_decay else "")
         if key not in groups:
@@ -67,7 +74,7 @@ def cosine_with_warmup(optimizer: torch.optim.Optimizer, total_steps: int, warmu
 
 
 def configure_adamw(module: LightningModule, model: nn.Module, settings: Mapping[str, Any],
-                    projector_modules: Sequence[str] = ("multi_modal_projector",)) -> dict[str, Any]:
+                    projector_modules: Sequence[str] | None = None) -> dict[str, Any]:
     """AdamW over :func:`param_groups` plus a per-step cosine schedule sized from the trainer's plan."""
     groups = param_groups(model, lr=float(settings["lr"]), projector_lr=settings.get("projector_lr"),
                           weight_decay=float(settings.get("weight_decay", 0.0)), projector_modules=projector_modules)

@@ -64,6 +64,7 @@ from stllava_med.data.preference import (
     resolve_shards,
 )
 from stllava_med.data.vqa import ImageError, load_image
+from stllava_med.families import processor_family
 from stllava_med.utils.io import atomic_write_json, load_json, sha256_file, stable_hash
 
 log = logging.getLogger(__name__)
@@ -149,7 +150,8 @@ class _OnceImageProcessor:
         if key != self._key:
             self._value = self.inner(images, *args, **kwargs)
             self._key = key
-        return self._value
+        # a fresh mapping each time: processors pop keys from the result (Idefics3 drops rows / cols)
+        return copy.copy(self._value)
 
     def forget(self) -> None:
         self._key = self._value = None
@@ -477,6 +479,7 @@ class PairCollator:
         self.fmt = fmt
         self.image_root = image_root
         self.pad_id = int(processor.tokenizer.pad_token_id)
+        self.family = processor_family(processor)
         self._once, _ = _once_processor(processor)
 
     def encode(self, item: PairItem) -> EncodedPair:
@@ -492,8 +495,18 @@ class PairCollator:
         labels = pad_sequences([s.labels for s in sequences], IGNORE_INDEX)
         attention_mask = pad_sequences([torch.ones_like(s.input_ids) for s in sequences], 0)
         n = len(items)
-        with_images = [e.chosen.pixel_values for e in encoded if e.chosen.pixel_values is not None]
-        extra_keys = sorted({k for e in encoded for k in e.chosen.extra})
+        length = int(input_ids.shape[1])
+        # Per-image outputs (pixels, tiles, grids, sizes) are the same for both answers of a pair: joined once.
+        # Per-token outputs (Qwen's mm_token_type_ids, Gemma's token_type_ids) belong to each sequence.
+        family = self.family
+        with_images = [e for e in encoded if e.chosen.pixel_values is not None]
+        if with_images and len(with_images) != n:
+            raise ValueError("a batch mixes pairs with and without an image")
+        keys = sorted({k for e in encoded for k in e.chosen.extra})
+        token_keys = [k for k in keys if family.batch_kind(k) == "token"]
+        image_keys = [k for k in keys if k not in token_keys]
+        images = family.collate([{"pixel_values": e.chosen.pixel_values} | {k: e.chosen.extra[k] for k in image_keys}
+                                 for e in with_images]) if with_images else {}
         batch: dict[str, Any] = {
             "ids": [item.pair.id for item in items],
             "weight": torch.tensor([item.weight for item in items], dtype=torch.float32),
@@ -501,9 +514,12 @@ class PairCollator:
             "chosen_labels": labels[:n], "rejected_labels": labels[n:],
             "chosen_attention_mask": attention_mask[:n], "rejected_attention_mask": attention_mask[n:],
             "prompt_lengths": torch.tensor([e.prompt_length for e in encoded], dtype=torch.long),
-            "pixel_values": torch.cat(with_images) if with_images else None,
-            "image_extra": {k: torch.stack([e.chosen.extra[k] for e in encoded if k in e.chosen.extra])
-                            for k in extra_keys},
+            "pixel_values": images.pop("pixel_values", None),
+            "image_extra": images,
+            "chosen_extra": family.collate([{k: e.chosen.extra[k] for k in token_keys} for e in encoded],
+                                           length=length, keys=token_keys),
+            "rejected_extra": family.collate([{k: e.rejected.extra[k] for k in token_keys} for e in encoded],
+                                             length=length, keys=token_keys),
         }
         return batch
 

@@ -27,6 +27,7 @@ from stllava_med.chat import IGNORE_INDEX, ChatFormat, SequenceTooLong, encode, 
 from stllava_med.data.fraction import fraction_score, in_fraction, write_selected_ids
 from stllava_med.data.instruct import InstructRecord
 from stllava_med.data.vqa import load_image
+from stllava_med.families import BY_NAME, processor_family
 from stllava_med.sft.questioning import questioner_draws
 
 log = logging.getLogger(__name__)
@@ -139,13 +140,15 @@ class SFTDataset(Dataset):
             "target_role": encoded.target_role,
             "pixel_values": encoded.pixel_values,
             "extra": encoded.extra,
+            "family": processor_family(self.processor).name,
             "questioner_turns": sum(draws[:keep]),
             "dropped_pairs": record.n_pairs - keep,
         }
 
 
 def collate_sft(items: Sequence[dict[str, Any]], pad_token_id: int) -> dict[str, Any]:
-    """Right-pad token tensors; concatenate pixel values along the image axis (one image per conversation)."""
+    """Right-pad token tensors; every processor output (pixel values, tiles, grids, per-token type ids) joins
+    the batch by its real shape, as the examples' model family says (:meth:`Family.collate`)."""
     input_ids = pad_sequences([i["input_ids"] for i in items], pad_token_id)
     attention_mask = pad_sequences([torch.ones_like(i["input_ids"]) for i in items], 0)
     batch: dict[str, Any] = {
@@ -157,13 +160,13 @@ def collate_sft(items: Sequence[dict[str, Any]], pad_token_id: int) -> dict[str,
         "questioner_turns": torch.tensor(sum(i["questioner_turns"] for i in items)),
         "dropped_pairs": torch.tensor(sum(i["dropped_pairs"] for i in items)),
     }
-    pixels = [i["pixel_values"] for i in items if i["pixel_values"] is not None]
-    if pixels:
-        if len(pixels) != len(items):
-            raise ValueError("a batch mixes conversations with and without an image")
-        batch["pixel_values"] = torch.cat(pixels, dim=0)
-    for key in items[0]["extra"]:
-        batch[key] = torch.stack([i["extra"][key] for i in items])
+    family = BY_NAME[items[0]["family"]]
+    with_pixels = sum(i["pixel_values"] is not None for i in items)
+    if with_pixels not in (0, len(items)):
+        raise ValueError("a batch mixes conversations with and without an image")
+    outputs = [({"pixel_values": i["pixel_values"]} if i["pixel_values"] is not None else {}) | i["extra"]
+               for i in items]
+    batch.update(family.collate(outputs, length=int(input_ids.shape[1])))
     return batch
 
 

@@ -3,18 +3,22 @@
 A DPO step needs ``log π(y|x)`` for two answers that share one image and one prompt. Done naively (what
 TRL's ``DPOTrainer`` does) that is two full multimodal forwards per pair — the vision tower runs twice, the
 image and prompt tokens (576 of them for LLaVA-1.5, against a 10–100 token answer) are processed twice, and
-the output layer runs over every position. Here, for LLaVA-architecture models:
+the output layer runs over every position. Here, for families with a fast path (LLaVA-1.5, LLaVA on Mistral,
+LLaVA-NeXT, Qwen2-VL / Qwen2.5-VL; see :mod:`stllava_med.families`):
 
 - **the image is encoded once per pair**, and its features are written into both sequences; the vision
-  tower's output (before the projector) is also shared with the reference when the tower is frozen;
+  tower's output (before the projector) is also shared with the reference when the tower is frozen (LLaVA,
+  whose projector is a separate module; elsewhere the model's own ``get_image_features`` runs once per model);
 - **prefix sharing** (default): the image and prompt run once, and the two answers continue from its KV
   cache, with gradients flowing through the cache into the shared prefix. Exact, not an approximation:
-  positions and masks are those of the full sequences (``tests/integration/test_dpo_logps.py``);
+  positions (Qwen's 3-D rope index included) and masks are those of the full sequences, taken from the
+  family's own position computation (``tests/integration/test_dpo_logps.py``, ``tests/families``);
 - **the output layer runs on answer positions only**, in float32 for the log-softmax.
 
-Any other image-text-to-text model goes through the generic path: the model's own forward over the
-concatenated chosen + rejected batch (images encoded per sequence), which is correct for every family
-(Qwen2.5-VL's 3-D rotary positions included) and is also the reference the fast paths are tested against.
+Other families (Idefics3 / SmolVLM, Gemma 3) go through the generic path, logged once: the model's own forward
+over the concatenated chosen + rejected batch (images encoded per sequence, each sequence with its own
+per-token extras), which is correct for every family and is the reference the fast paths are tested
+against.
 """
 
 from __future__ import annotations
@@ -30,11 +34,6 @@ from torch import nn
 from stllava_med.chat import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
-
-# Model types whose language model takes plain 1-D positions and whose image features are the projected
-# vision-tower states written over the image placeholder tokens, in order.
-FAST_PATH_MODEL_TYPES = ("llava",)
-
 
 @dataclass
 class SequenceLogps:
@@ -74,20 +73,33 @@ class LogProbs:
     The model may be a peft model: calls go to the injected modules, so the adapter is active unless the
     caller is inside ``model.disable_adapter()`` (which is how the ``adapter_off`` reference is computed)."""
 
+    _logged_fallbacks: set[str] = set()
+
     def __init__(self, model: nn.Module, *, prefix_sharing: bool = True) -> None:
+        from stllava_med.families import UnsupportedFamilyFeature, family_of
+
         self.model = model
         self.inner = unwrap_model(model)
-        config = getattr(self.inner, "config", None)
-        self.fast = (
-            getattr(config, "model_type", None) in FAST_PATH_MODEL_TYPES
-            and hasattr(self.inner, "model") and hasattr(self.inner, "lm_head")
-            and hasattr(self.inner.model, "vision_tower") and hasattr(self.inner.model, "language_model")
+        try:
+            self.family = family_of(self.inner)
+        except UnsupportedFamilyFeature:
+            self.family = None
+        core = getattr(self.inner, "model", None)
+        self.fast = bool(
+            self.family is not None and self.family.prefix_sharing
+            and hasattr(self.inner, "lm_head") and hasattr(core, "language_model")
+            and callable(getattr(core, "get_image_features", None))
         )
+        # LLaVA: the projector is a module after the tower, so tower states can be shared with the reference
+        self.split_vision = self.fast and self.family.shared_vision_features
         self._prefix_sharing = prefix_sharing
         self._warned_gc = False
         if not self.fast:
-            log.info("%s: no fast path for model type %r; using the model's own forward",
-                     type(self.inner).__name__, getattr(config, "model_type", None))
+            name = self.family.name if self.family is not None else getattr(self.inner.config, "model_type", None)
+            if name not in LogProbs._logged_fallbacks:
+                LogProbs._logged_fallbacks.add(str(name))
+                log.info("%s (%s): no fast DPO path for this family; using the model's own forward over chosen + "
+                         "rejected (prefix sharing off)", type(self.inner).__name__, name)
 
     # ---- pieces of the fast path ------------------------------------------------------------------------
 
@@ -97,11 +109,20 @@ class LogProbs:
 
     @property
     def image_token_id(self) -> int:
-        return int(self.inner.config.image_token_id)
+        config = self.inner.config
+        value = getattr(config, "image_token_id", None)
+        return int(value if value is not None else config.image_token_index)
+
+    @property
+    def vision_module(self) -> nn.Module:
+        core = self.core
+        return getattr(core, "vision_tower", None) or getattr(core, "visual", None) or core
 
     @property
     def vision_trainable(self) -> bool:
-        return any(p.requires_grad for p in self.core.vision_tower.parameters())
+        family = self.family
+        return any(p.requires_grad for n, p in self.inner.named_parameters()
+                   if family is not None and family.is_vision_parameter(n))
 
     @property
     def gradient_checkpointing(self) -> bool:
@@ -121,7 +142,7 @@ class LogProbs:
         return True
 
     def vision_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Selected vision-tower states (before the projector), one row of tokens per image.
+        """LLaVA: selected vision-tower states (before the projector), one row of tokens per image.
 
         Computed without autograd when the tower is frozen (nothing upstream needs a gradient), which also
         makes them shareable between policy and reference."""
@@ -142,14 +163,26 @@ class LogProbs:
         """Image features as the language model sees them (the projector follows the adapter state)."""
         return self.core.multi_modal_projector(vision_features)
 
-    def image_features(self, pixel_values: torch.Tensor | None, vision_features: torch.Tensor | None = None) -> torch.Tensor | None:
+    def image_features(self, batch: Mapping[str, Any], vision_features: torch.Tensor | None = None
+                       ) -> list[torch.Tensor] | None:
+        """The language-model inputs of each image of the batch (one tensor of rows per image, in order)."""
+        pixel_values = batch.get("pixel_values")
         if pixel_values is None:
             return None
-        if vision_features is None:
-            vision_features = self.vision_features(pixel_values)
-        return self.project(vision_features)
+        if self.split_vision:
+            if vision_features is None:
+                vision_features = self.vision_features(pixel_values)
+            return list(self.project(vision_features))
+        extras = dict(batch.get("image_extra") or {})
+        dtype = next(self.vision_module.parameters()).dtype
+        with torch.set_grad_enabled(torch.is_grad_enabled()):
+            out = self.core.get_image_features(pixel_values=pixel_values.to(dtype), **extras, return_dict=True)
+        pooled = getattr(out, "pooler_output", out)
+        if isinstance(pooled, torch.Tensor):
+            pooled = list(pooled)
+        return [p.reshape(-1, p.shape[-1]) for p in pooled]
 
-    def _embed(self, input_ids: torch.Tensor, image_features: torch.Tensor | None) -> torch.Tensor:
+    def _embed(self, input_ids: torch.Tensor, image_features: list[torch.Tensor] | None) -> torch.Tensor:
         embeds = self.core.get_input_embeddings()(input_ids)
         image_mask = input_ids == self.image_token_id
         n_tokens = int(image_mask.sum())
@@ -157,34 +190,41 @@ class LogProbs:
             if n_tokens:
                 raise ValueError("the batch has image tokens but no pixel values")
             return embeds
-        if n_tokens != image_features.shape[0] * image_features.shape[1]:
-            raise ValueError(f"{n_tokens} image tokens in the batch but {image_features.shape[0]} images x "
-                             f"{image_features.shape[1]} features")
-        flat = image_features.reshape(-1, image_features.shape[-1]).to(embeds.dtype)
-        return embeds.masked_scatter(image_mask.unsqueeze(-1), flat)
+        flat = torch.cat([f.reshape(-1, f.shape[-1]) for f in image_features]) if image_features else None
+        if flat is None or n_tokens != flat.shape[0]:
+            raise ValueError(f"{n_tokens} image tokens in the batch but {0 if flat is None else flat.shape[0]} "
+                             f"image feature rows from {len(image_features)} images")
+        return embeds.masked_scatter(image_mask.unsqueeze(-1), flat.to(embeds.dtype))
+
+    def _positions(self, batch: Mapping[str, Any], side: str) -> torch.Tensor:
+        """Positions of one side's full sequences as the model's own forward would compute them."""
+        extras = {**(batch.get("image_extra") or {}), **(batch.get(f"{side}_extra") or {})}
+        return self.family.position_ids(self.inner, batch[f"{side}_input_ids"], batch[f"{side}_attention_mask"],
+                                        extras)
 
     # ---- the three paths --------------------------------------------------------------------------------
 
-    def __call__(self, batch: Mapping[str, Any], *, image_features: torch.Tensor | None = None,
+    def __call__(self, batch: Mapping[str, Any], *, image_features: list[torch.Tensor] | None = None,
                  prefix_sharing: bool | None = None) -> SequenceLogps:
         if not self.fast:
             return self.generic(batch)
         if image_features is None:
-            image_features = self.image_features(batch.get("pixel_values"))
+            image_features = self.image_features(batch)
         use_prefix = self.prefix_sharing if prefix_sharing is None else (prefix_sharing and self.fast)
         if use_prefix:
             return self.shared_prefix(batch, image_features)
         return self.concatenated(batch, image_features)
 
-    def concatenated(self, batch: Mapping[str, Any], image_features: torch.Tensor | None) -> SequenceLogps:
+    def concatenated(self, batch: Mapping[str, Any], image_features: list[torch.Tensor] | None) -> SequenceLogps:
         """Chosen and rejected as one batch of 2B full sequences; each image encoded once, used twice."""
         n_pairs = batch["chosen_input_ids"].shape[0]
         input_ids = torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]])
         attention_mask = torch.cat([batch["chosen_attention_mask"], batch["rejected_attention_mask"]])
         labels = torch.cat([batch["chosen_labels"], batch["rejected_labels"]])
-        features = None if image_features is None else torch.cat([image_features, image_features])
+        positions = torch.cat([self._positions(batch, "chosen"), self._positions(batch, "rejected")], dim=-2)
+        features = None if image_features is None else [*image_features, *image_features]
         embeds = self._embed(input_ids, features)
-        hidden = self.core.language_model(inputs_embeds=embeds, attention_mask=attention_mask,
+        hidden = self.core.language_model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=positions,
                                           use_cache=False).last_hidden_state
         targets = labels[:, 1:]
         target_mask = targets != IGNORE_INDEX
@@ -196,12 +236,13 @@ class LogProbs:
                              rejected_tokens=counts[n_pairs:], positions=int(input_ids.numel()),
                              real_positions=int(attention_mask.sum()))
 
-    def shared_prefix(self, batch: Mapping[str, Any], image_features: torch.Tensor | None) -> SequenceLogps:
+    def shared_prefix(self, batch: Mapping[str, Any], image_features: list[torch.Tensor] | None) -> SequenceLogps:
         """Image + prompt once (B rows), then both answers (2B rows) continue from its KV cache.
 
-        The prefix is right-padded (so no query row is fully masked) and the answer rows carry explicit
-        positions ``prompt_length + j``; the mask hides the prefix padding from the answers. The first answer
-        token of both rows is predicted from the same last prefix state."""
+        The prefix is right-padded (so no query row is fully masked) and the answer rows carry the positions
+        their tokens have in the full sequences (1-D, or Qwen's 3-D rope index); the mask hides the prefix
+        padding from the answers. The first answer token of both rows is predicted from the same last prefix
+        state."""
         chosen_ids = batch["chosen_input_ids"]
         device = chosen_ids.device
         n_pairs = chosen_ids.shape[0]
@@ -210,35 +251,40 @@ class LogProbs:
         columns = torch.arange(longest_prompt, device=device)
         prefix_mask = (columns.unsqueeze(0) < prompt_lengths.unsqueeze(1)).long()
         prefix_ids = chosen_ids[:, :longest_prompt].masked_fill(prefix_mask == 0, 0)
+        full_positions = {side: self._positions(batch, side) for side in ("chosen", "rejected")}
+        prefix_positions = full_positions["chosen"][..., :longest_prompt]
         prefix = self.core.language_model(inputs_embeds=self._embed(prefix_ids, image_features),
-                                          attention_mask=prefix_mask, use_cache=True)
+                                          attention_mask=prefix_mask, position_ids=prefix_positions, use_cache=True)
         cache = prefix.cache
 
         # Answers (everything after the shared prefix), interleaved chosen / rejected per pair.
-        tails, tail_labels = [], []
-        for side in ("chosen", "rejected"):
-            ids, labels, mask = batch[f"{side}_input_ids"], batch[f"{side}_labels"], batch[f"{side}_attention_mask"]
-            lengths = mask.sum(-1)
-            tails.append([ids[i, int(prompt_lengths[i]):int(lengths[i])] for i in range(n_pairs)])
-            tail_labels.append([labels[i, int(prompt_lengths[i]):int(lengths[i])] for i in range(n_pairs)])
-        rows_ids = [t for pair in zip(*tails) for t in pair]
-        rows_labels = [t for pair in zip(*tail_labels) for t in pair]
-        longest_tail = max(int(t.shape[0]) for t in rows_ids)
+        spans = []  # (side, pair, start, end) per answer row
+        for i in range(n_pairs):
+            for side in ("chosen", "rejected"):
+                length = int(batch[f"{side}_attention_mask"][i].sum())
+                spans.append((side, i, int(prompt_lengths[i]), length))
+        longest_tail = max(end - start for _, _, start, end in spans)
         tail_ids = torch.zeros(2 * n_pairs, longest_tail, dtype=chosen_ids.dtype, device=device)
         tail_targets = torch.full_like(tail_ids, IGNORE_INDEX)
         tail_mask = torch.zeros_like(tail_ids)
-        for row, (ids, labels) in enumerate(zip(rows_ids, rows_labels)):
-            tail_ids[row, : ids.shape[0]] = ids
-            tail_targets[row, : labels.shape[0]] = labels
-            tail_mask[row, : ids.shape[0]] = 1
+        lead = full_positions["chosen"].shape[:-2]  # () for 1-D positions, (3,) for 3-D rope
+        tail_positions = torch.zeros(*lead, 2 * n_pairs, longest_tail, dtype=full_positions["chosen"].dtype,
+                                     device=device)
+        for row, (side, i, start, end) in enumerate(spans):
+            n = end - start
+            tail_ids[row, :n] = batch[f"{side}_input_ids"][i, start:end]
+            tail_targets[row, :n] = batch[f"{side}_labels"][i, start:end]
+            tail_mask[row, :n] = 1
+            tail_positions[..., row, :n] = full_positions[side][..., i, start:end]
+            if n < longest_tail:  # padding columns continue the count (masked, never attended to)
+                last = full_positions[side][..., i, end - 1:end] if n else full_positions[side][..., i, start - 1:start]
+                tail_positions[..., row, n:] = last + torch.arange(1, longest_tail - n + 1, device=device)
 
         cache.batch_repeat_interleave(2)
-        row_prompt = prompt_lengths.repeat_interleave(2)
-        positions = row_prompt.unsqueeze(1) + torch.arange(longest_tail, device=device).unsqueeze(0)
         full_mask = torch.cat([prefix_mask.repeat_interleave(2, dim=0), tail_mask], dim=1)
         tail_hidden = self.core.language_model(
             inputs_embeds=self.core.get_input_embeddings()(tail_ids), attention_mask=full_mask,
-            position_ids=positions, cache=cache, use_cache=True,
+            position_ids=tail_positions, cache=cache, use_cache=True,
         ).last_hidden_state
 
         last_prefix = prefix.last_hidden_state[torch.arange(n_pairs, device=device), prompt_lengths - 1]
@@ -254,7 +300,8 @@ class LogProbs:
                              real_positions=int(prefix_mask.sum() + tail_mask.sum()))
 
     def generic(self, batch: Mapping[str, Any]) -> SequenceLogps:
-        """The model's own forward over 2B full sequences (images encoded per sequence, logits everywhere)."""
+        """The model's own forward over 2B full sequences (images encoded per sequence, logits everywhere);
+        per-token extras (Qwen's mm_token_type_ids, Gemma's token_type_ids) are each sequence's own."""
         n_pairs = batch["chosen_input_ids"].shape[0]
         input_ids = torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]])
         attention_mask = torch.cat([batch["chosen_attention_mask"], batch["rejected_attention_mask"]])
@@ -264,6 +311,8 @@ class LogProbs:
             kwargs["pixel_values"] = torch.cat([batch["pixel_values"], batch["pixel_values"]])
         for key, value in (batch.get("image_extra") or {}).items():
             kwargs[key] = torch.cat([value, value])
+        for key, value in (batch.get("chosen_extra") or {}).items():
+            kwargs[key] = torch.cat([value, batch["rejected_extra"][key]])
         logits = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs).logits
         targets = labels[:, 1:]
         target_mask = targets != IGNORE_INDEX

@@ -65,13 +65,13 @@ def _metric_key(stage: str, name: str) -> str:
 
 class DPOModule(TrainableOnlyCheckpoints, LightningModule):
     def __init__(self, policy: nn.Module, reference: Any, settings: DPOSettings, optim: Mapping[str, Any], *,
-                 projector_modules: Sequence[str] = ("multi_modal_projector",)) -> None:
+                 projector_modules: Sequence[str] | None = None) -> None:
         super().__init__()
         self.policy = policy
         self.reference = reference
         self.settings = settings
         self.optim = dict(optim)
-        self.projector_modules = tuple(projector_modules)
+        self.projector_modules = tuple(projector_modules) if projector_modules else None
         self.logprobs = LogProbs(policy, prefix_sharing=settings.prefix_sharing)
         names = list(METRIC_NAMES) + (["nll"] if settings.nll_weight else [])
         self.metrics = nn.ModuleDict({_metric_key(stage, name): MeanMetric()
@@ -86,9 +86,9 @@ class DPOModule(TrainableOnlyCheckpoints, LightningModule):
         pixel_values = batch.get("pixel_values")
         vision = None
         image_features = None
-        if self.logprobs.fast and pixel_values is not None:
+        if self.logprobs.split_vision and pixel_values is not None:
             vision = self.logprobs.vision_features(pixel_values)
-            image_features = self.logprobs.project(vision)
+            image_features = list(self.logprobs.project(vision))
         policy = self.logprobs(batch, image_features=image_features)
         shared = vision if getattr(self.reference, "shares_vision", False) else None
         ref_chosen, ref_rejected = self.reference.logps(batch, vision_features=shared)

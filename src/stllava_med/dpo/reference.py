@@ -55,7 +55,7 @@ class AdapterOffReference:
         self.policy = policy
         self.logprobs = LogProbs(policy, prefix_sharing=prefix_sharing)
         # Sharing the vision tower's output is only valid when the adapter does not touch the tower.
-        self.shares_vision = self.logprobs.fast and not self.logprobs.vision_trainable
+        self.shares_vision = self.logprobs.split_vision and not self.logprobs.vision_trainable
 
     @torch.no_grad()
     def logps(self, batch: Mapping[str, Any], *, vision_features: torch.Tensor | None = None
@@ -63,8 +63,7 @@ class AdapterOffReference:
         with self.policy.disable_adapter():
             features = None
             if self.logprobs.fast:
-                features = self.logprobs.image_features(batch.get("pixel_values"),
-                                                        vision_features if self.shares_vision else None)
+                features = self.logprobs.image_features(batch, vision_features if self.shares_vision else None)
             out = self.logprobs(batch, image_features=features)
         return out.chosen.detach(), out.rejected.detach()
 

@@ -35,20 +35,56 @@ def model_device(model: torch.nn.Module) -> torch.device:
         return torch.device("cpu")
 
 
-@torch.inference_mode()
-def generate_batch(backbone: Backbone, prompts: Sequence[str], images: Sequence[Any], *, max_new_tokens: int,
-                   do_sample: bool = False, num_return_sequences: int = 1, **sampling: Any) -> list[str]:
-    """Decode continuations for a batch of rendered prompts (left-padded); returns the new text only,
-    ``num_return_sequences`` consecutive entries per prompt."""
-    processor = backbone.processor
+def generation_inputs(processor: Any, prompts: Sequence[str], images: Sequence[Any] | None) -> Any:
+    """Processor inputs for a batch of rendered prompts, left-padded so continuations start in one column;
+    images passed the way the family's processor wants them; BOS never doubled."""
+    from stllava_med.chat import tokenizer_kwargs
+    from stllava_med.families import processor_family
+
+    family = processor_family(processor)
     tokenizer = processor.tokenizer
     previous_side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     try:
-        inputs = processor(text=list(prompts), images=list(images) if images else None, padding=True,
-                           return_tensors="pt")
+        return processor(text=list(prompts), images=family.processor_images(images), padding=True,
+                         return_tensors="pt", **tokenizer_kwargs(processor, list(prompts)))
     finally:
         tokenizer.padding_side = previous_side
+
+
+def stop_settings(backbone: Backbone, *, questioner: bool = False) -> dict[str, Any]:
+    """``generate`` keywords that end a turn the family's way: every end-of-turn token (not only the
+    tokenizer's EOS, e.g. Gemma's ``<end_of_turn>``), and for a questioner turn that ends in text (Mistral's
+    ``[/INST]``) that text as a stop string."""
+    from stllava_med.families import processor_family
+
+    family = processor_family(backbone.processor)
+    settings: dict[str, Any] = {"eos_token_id": family.stop_token_ids(backbone.processor, backbone.model),
+                                "pad_token_id": backbone.processor.tokenizer.pad_token_id}
+    if questioner and family.questioner_stop:
+        settings["stop_strings"] = [family.questioner_stop]
+        settings["tokenizer"] = backbone.processor.tokenizer
+    return settings
+
+
+def decode_new(backbone: Backbone, new_tokens: torch.Tensor, *, questioner: bool = False) -> list[str]:
+    from stllava_med.families import processor_family
+
+    texts = backbone.processor.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+    stop = processor_family(backbone.processor).questioner_stop if questioner else None
+    if stop:
+        texts = [t.split(stop, 1)[0] for t in texts]
+    return [t.strip() for t in texts]
+
+
+@torch.inference_mode()
+def generate_batch(backbone: Backbone, prompts: Sequence[str], images: Sequence[Any], *, max_new_tokens: int,
+                   do_sample: bool = False, num_return_sequences: int = 1, questioner: bool = False,
+                   **sampling: Any) -> list[str]:
+    """Decode continuations for a batch of rendered prompts (left-padded); returns the new text only,
+    ``num_return_sequences`` consecutive entries per prompt. ``questioner``: the prompts end in the
+    questioner role (stops at the family's questioner end marker)."""
+    inputs = generation_inputs(backbone.processor, prompts, images)
     device = model_device(backbone.model)
     dtype = next((p.dtype for p in backbone.model.parameters() if p.is_floating_point()), torch.float32)
     inputs = {k: (v.to(device, dtype=dtype) if k == "pixel_values" and v.is_floating_point() else v.to(device))
@@ -61,14 +97,12 @@ def generate_batch(backbone: Backbone, prompts: Sequence[str], images: Sequence[
             max_new_tokens=max_new_tokens,
             do_sample=do_sample,
             num_return_sequences=num_return_sequences,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
+            **stop_settings(backbone, questioner=questioner),
             **({k: v for k, v in sampling.items() if v is not None} if do_sample else {}),
         )
     finally:
         backbone.model.train(was_training)
-    new_tokens = output[:, inputs["input_ids"].shape[1]:]
-    return [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+    return decode_new(backbone, output[:, inputs["input_ids"].shape[1]:], questioner=questioner)
 
 
 def _done_ids(path: Path) -> dict[str, dict[str, Any]]:

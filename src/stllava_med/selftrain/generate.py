@@ -266,18 +266,19 @@ def discard_unfinished(out_dir: Path, done: Mapping[str, Any]) -> int:
     return discarded
 
 
-# Model types whose text model takes 1-D positions from the attention mask (LLaVA-1.5 / LLaVA-Med on Llama or
-# Vicuna): for these, a prefilled and repeated KV cache continues exactly like a fresh generate. Models with
-# their own position scheme (Qwen2-VL's 3-D rope) take the plain num_return_sequences path.
-SHARED_PREFIX_MODEL_TYPES = ("llava",)
-
-
 def supports_shared_prefix(model: Any) -> bool:
-    return getattr(getattr(model, "config", None), "model_type", None) in SHARED_PREFIX_MODEL_TYPES
+    """Whether the model's family continues exactly from a prefilled, repeated KV cache (LLaVA, LLaVA-NeXT,
+    Qwen2-VL family: tested against a fresh ``generate``); others take the plain num_return_sequences path."""
+    from stllava_med.families import UnsupportedFamilyFeature, family_of
+
+    try:
+        return family_of(model).shared_prefix_sampling
+    except UnsupportedFamilyFeature:
+        return False
 
 
 def sample_sequences(backbone: Any, prompts: Sequence[str], images: Sequence[Any], *, k: int, max_new_tokens: int,
-                     shared_prefix: bool = True, **sampling: Any) -> list[str]:
+                     shared_prefix: bool = True, questioner: bool = False, **sampling: Any) -> list[str]:
     """``k`` sampled continuations per prompt, ``k`` consecutive entries per prompt.
 
     With ``shared_prefix`` each prompt and its image are encoded once: one forward pass fills the KV cache for
@@ -287,19 +288,14 @@ def sample_sequences(backbone: Any, prompts: Sequence[str], images: Sequence[Any
     text for the same seed (tested)."""
     import torch
 
-    from stllava_med.eval.vqa import generate_batch, model_device
+    from stllava_med.eval.vqa import decode_new, generate_batch, generation_inputs, model_device, stop_settings
+    from stllava_med.families import family_of
 
     if not shared_prefix or k == 1:
         return generate_batch(backbone, prompts, images, max_new_tokens=max_new_tokens, do_sample=True,
-                              num_return_sequences=k, **sampling)
+                              num_return_sequences=k, questioner=questioner, **sampling)
     processor, model = backbone.processor, backbone.model
-    tokenizer = processor.tokenizer
-    previous_side = tokenizer.padding_side
-    tokenizer.padding_side = "left"  # continuations start at the same column for every row
-    try:
-        inputs = processor(text=list(prompts), images=list(images), padding=True, return_tensors="pt")
-    finally:
-        tokenizer.padding_side = previous_side
+    inputs = generation_inputs(processor, prompts, images)
     device = model_device(model)
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     input_ids = inputs["input_ids"].to(device)
@@ -307,28 +303,35 @@ def sample_sequences(backbone: Any, prompts: Sequence[str], images: Sequence[Any
     extra = {key: (value.to(device, dtype=dtype) if value.is_floating_point() else value.to(device))
              for key, value in inputs.items()
              if isinstance(value, torch.Tensor) and key not in ("input_ids", "attention_mask")}
-    # generate() derives positions from the mask the same way; the prefill must agree with it
-    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    # generate() derives positions from the mask the same way; the prefill must agree with it. 3-D rope
+    # families compute theirs (and the offsets generate() continues from) inside the model's forward.
+    positions: dict[str, Any] = {}
+    if not family_of(model).rope_index:
+        positions["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, :-1]
     was_training = model.training
     model.eval()
     try:
         with torch.inference_mode():
             # everything but the last prompt token: generate() must have one uncached token to start from
             prefill = model(input_ids=input_ids[:, :-1], attention_mask=attention_mask[:, :-1],
-                            position_ids=position_ids[:, :-1], use_cache=True, **extra)
+                            use_cache=True, **positions, **_prefix_extras(extra, input_ids.shape[1] - 1))
             cache = prefill.cache
             cache.batch_repeat_interleave(k)
             output = model.generate(
                 input_ids=input_ids.repeat_interleave(k, dim=0),
                 attention_mask=attention_mask.repeat_interleave(k, dim=0),
                 cache=cache, max_new_tokens=max_new_tokens, do_sample=True,
-                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                **stop_settings(backbone, questioner=questioner),
                 **{key: value for key, value in sampling.items() if value is not None},
             )
     finally:
         model.train(was_training)
-    new_tokens = output[:, input_ids.shape[1]:]
-    return [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+    return decode_new(backbone, output[:, input_ids.shape[1]:], questioner=questioner)
+
+
+def _prefix_extras(extra: dict[str, Any], length: int) -> dict[str, Any]:
+    """Processor outputs for the prefill of the first ``length`` prompt tokens: per-token ones cut to it."""
+    return {key: (value[:, :length] if key.endswith("token_type_ids") else value) for key, value in extra.items()}
 
 
 def batch_seed(seed: int, batch_index: int) -> int:
@@ -383,7 +386,9 @@ class CandidateGenerator:
                 break
             texts = sample_sequences(self.backbone, [prompts[i] for i in pending], [images[i] for i in pending],
                                      k=want, max_new_tokens=sampling.max_new_tokens,
-                                     shared_prefix=self.shared_prefix, **sampling.kwargs())
+                                     shared_prefix=self.shared_prefix,
+                                     questioner=kind == "questions" and self.settings.question_prompt == "questioner",
+                                     **sampling.kwargs())
             self.counts[f"{kind}_sampled"] += len(texts)
             for slot, i in enumerate(pending):
                 for text in texts[slot * want:(slot + 1) * want]:

@@ -40,7 +40,7 @@ class SFTOptimSettings:
     min_lr_ratio: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
-    projector_modules: list[str] = field(default_factory=lambda: ["multi_modal_projector"])
+    projector_modules: list[str] | None = None  # None: the model family's projector
 
     @classmethod
     def from_mapping(cls, values: dict[str, Any]) -> SFTOptimSettings:
@@ -48,7 +48,7 @@ class SFTOptimSettings:
         out = {k: v for k, v in values.items() if k in known}
         if "betas" in out:
             out["betas"] = tuple(float(b) for b in out["betas"])
-        if "projector_modules" in out:
+        if out.get("projector_modules") is not None:
             out["projector_modules"] = list(out["projector_modules"])
         return cls(**out)
 
@@ -172,7 +172,7 @@ class SFTModule(TrainableOnlyCheckpoints, LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         settings = asdict(self.optim)
-        return configure_adamw(self, self.model, settings, projector_modules=tuple(self.optim.projector_modules))
+        return configure_adamw(self, self.model, settings, projector_modules=self.optim.projector_modules)
 
 
 def trainable_names(model: nn.Module, contains: Sequence[str] = ()) -> list[str]:
