@@ -323,13 +323,7 @@ def load_processor(name_or_path: str, *, trust_remote_code: bool = False, paddin
     from transformers import AutoConfig
 
     from stllava_med.families import bind, family_of
-    try:
-        from stllava_med.families.processor_loading import load_processor_components
-    except ImportError:  # TEMP until processor_loading lands
-        from transformers import AutoProcessor
-
-        def load_processor_components(path, trust_remote_code=False):
-            return AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+    from stllava_med.families.processor_loading import load_processor_components
 
     config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     family = family_of(config)
