@@ -12,7 +12,6 @@ from PIL import Image
 
 from families.builders import FAMILIES, build
 
-
 _BUILT: dict[str, Path] = {}
 
 

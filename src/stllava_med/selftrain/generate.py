@@ -288,7 +288,13 @@ def sample_sequences(backbone: Any, prompts: Sequence[str], images: Sequence[Any
     text for the same seed (tested)."""
     import torch
 
-    from stllava_med.eval.vqa import decode_new, generate_batch, generation_inputs, model_device, stop_settings
+    from stllava_med.eval.vqa import (
+        decode_new,
+        generate_batch,
+        generation_inputs,
+        model_device,
+        stop_settings,
+    )
     from stllava_med.families import family_of
 
     if not shared_prefix or k == 1:
@@ -317,6 +323,7 @@ def sample_sequences(backbone: Any, prompts: Sequence[str], images: Sequence[Any
                             use_cache=True, **positions, **_prefix_extras(extra, input_ids.shape[1] - 1))
             cache = prefill.cache
             cache.batch_repeat_interleave(k)
+            _repeat_rope_deltas(model, k)
             output = model.generate(
                 input_ids=input_ids.repeat_interleave(k, dim=0),
                 attention_mask=attention_mask.repeat_interleave(k, dim=0),
@@ -327,6 +334,16 @@ def sample_sequences(backbone: Any, prompts: Sequence[str], images: Sequence[Any
     finally:
         model.train(was_training)
     return decode_new(backbone, output[:, input_ids.shape[1]:], questioner=questioner)
+
+
+def _repeat_rope_deltas(model: Any, k: int) -> None:
+    """3-D rope families (Qwen2-VL / Qwen2.5-VL) keep the prefill's per-prompt rope offsets on the model, and
+    ``generate`` continues every row's positions from them: repeat them with the cache (one row per sample)."""
+    get_base = getattr(model, "get_base_model", None)
+    core = getattr(get_base() if callable(get_base) else model, "model", None)
+    deltas = getattr(core, "rope_deltas", None)
+    if deltas is not None and getattr(deltas, "dim", lambda: 0)() >= 1:
+        core.rope_deltas = deltas.repeat_interleave(k, dim=0)
 
 
 def _prefix_extras(extra: dict[str, Any], length: int) -> dict[str, Any]:
@@ -347,7 +364,15 @@ class CandidateGenerator:
         self.settings = settings
         self.counts: Counter = Counter()
         choice = str(settings.shared_prefix).lower()
-        self.shared_prefix = supports_shared_prefix(backbone.model) if choice == "auto" else choice == "true"
+        supported = supports_shared_prefix(backbone.model)
+        self.shared_prefix = supported and choice in ("auto", "true")
+        if choice != "false" and not supported:
+            from stllava_med.families import processor_family
+
+            # logged once per run: a family without the exact cached continuation samples the plain way
+            log.info("shared-prefix sampling is not available for the %s family; K answers are sampled with "
+                     "generate(num_return_sequences=K) (the image and prompt are encoded K times)",
+                     processor_family(backbone.processor).name)
 
     # -- prompts ----------------------------------------------------------------------------------------------
 
