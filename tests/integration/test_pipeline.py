@@ -155,5 +155,10 @@ def test_make_demo_pipeline_completes(tmp_path, tiny_backbone_path):
     stage1 = summary["evaluations"]["stage1"]["vqa_rad_sample"]
     dpo = summary["evaluations"]["dpo_round1"]["vqa_rad_sample"]
     assert stage1["n_open"] + stage1["n_closed"] == 151 == dpo["n_open"] + dpo["n_closed"]
-    assert summary["dpo"]["round1"]["train"]["rewards/accuracy"] > 0.6
+    # DPO learned its pairs (last-epoch means over 264-295 training pairs; at the start the policy is the reference,
+    # so margin and accuracy are exactly 0). The pairs come from sampled answers, so they differ between CPUs;
+    # measured on a 2-core runner, seeds 0, 1, 2 (different pair sets) as a stand-in for that: accuracy
+    # 0.91, 0.90, 0.91, mean reward margin 1.16, 1.22, 1.28. Both thresholds leave a wide gap.
+    train = summary["dpo"]["round1"]["train"]
+    assert train["rewards/margin"] > 0.4 and train["rewards/accuracy"] > 0.6, train
     assert (out / "comparison.png").stat().st_size > 1000
