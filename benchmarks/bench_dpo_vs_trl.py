@@ -215,11 +215,9 @@ def run_ours(args: argparse.Namespace, model_dir: Path, pairs_dir: Path, work: P
 
     from stllava_med.backbone import LoraSettings, apply_lora, load_backbone
     from stllava_med.chat import ChatFormat
-    from stllava_med.data.preference_dm import (
-        PreferenceDataModule,
-        PreferenceDataSettings,
-        processor_fingerprint,
-    )
+    from stllava_med.data.pairs.datamodule import PreferenceDataModule
+    from stllava_med.data.pairs.scan import processor_fingerprint
+    from stllava_med.data.pairs.settings import PreferenceDataSettings
     from stllava_med.dpo.module import DPOModule, DPOSettings
     from stllava_med.dpo.reference import (
         AdapterOffReference,

@@ -38,7 +38,7 @@ def _container(node: Any) -> dict[str, Any]:
 def build_reference(cfg: DictConfig, backbone: Any, datamodule: Any) -> Any:
     """The reference object for ``dpo.reference`` (see :mod:`stllava_med.dpo.reference`)."""
     from stllava_med.backbone import load_backbone
-    from stllava_med.data.preference_dm import processor_fingerprint
+    from stllava_med.data.pairs.scan import processor_fingerprint
     from stllava_med.dpo.reference import (
         REFERENCE_MODES,
         AdapterOffReference,
@@ -111,7 +111,8 @@ def run_train_dpo(cfg: DictConfig, *, callbacks: Iterable[Any] = (), out_dir: Pa
     ``callbacks`` are extra Lightning callbacks (tests use one to simulate a crash)."""
     from stllava_med.backbone import export_merged, has_bnb_layers, load_backbone
     from stllava_med.chat import ChatFormat
-    from stllava_med.data.preference_dm import PreferenceDataModule, PreferenceDataSettings
+    from stllava_med.data.pairs.datamodule import PreferenceDataModule
+    from stllava_med.data.pairs.settings import PreferenceDataSettings
     from stllava_med.dpo.module import DPOModule, DPOSettings
     from stllava_med.training import BnbCpuGuard, build_trainer, resume_checkpoint
     from stllava_med.utils.io import atomic_write_json

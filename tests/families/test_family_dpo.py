@@ -19,8 +19,8 @@ from dpo_support import perturb_lora
 from families.conftest import mixed_images
 from stllava_med.backbone import load_backbone
 from stllava_med.chat import IGNORE_INDEX, ChatFormat, encode, prompt_text, vqa_turns
+from stllava_med.data.pairs.collate import PairCollator, PairItem
 from stllava_med.data.preference import PreferencePair
-from stllava_med.data.preference_dm import PairCollator, PairItem
 from stllava_med.data.vqa import load_image
 from stllava_med.dpo.logps import LogProbs
 from stllava_med.dpo.losses import dpo_loss
@@ -134,11 +134,9 @@ def test_every_logprob_path_equals_the_per_sequence_forward(family, family_path,
 
 
 def test_reference_modes_equal_the_base_model(family, family_path, shard, tmp_path):
-    from stllava_med.data.preference_dm import (
-        PreferenceDataModule,
-        PreferenceDataSettings,
-        processor_fingerprint,
-    )
+    from stllava_med.data.pairs.datamodule import PreferenceDataModule
+    from stllava_med.data.pairs.scan import processor_fingerprint
+    from stllava_med.data.pairs.settings import PreferenceDataSettings
     from stllava_med.dpo.reference import (
         AdapterOffReference,
         CopyReference,

@@ -163,8 +163,8 @@ def test_generate_self_questioning_in_the_questioner_role(family, family_path, t
 def test_generate_dataset_questions_then_judge_with_the_reference_expert(family, family_path, tmp_path):
     from stllava_med.backbone import load_processor
     from stllava_med.chat import ChatFormat
+    from stllava_med.data.pairs.collate import PairCollator, PairItem
     from stllava_med.data.preference import iter_pairs, resolve_shards
-    from stllava_med.data.preference_dm import PairCollator, PairItem
     from stllava_med.generate import run_generate
     from stllava_med.judge import run_judge
     from stllava_med.selftrain.records import load_candidates

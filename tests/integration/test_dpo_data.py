@@ -12,17 +12,12 @@ import torch
 
 from dpo_support import SAMPLE_PAIRS, one_torch_thread, sample_pairs, write_shard  # noqa: F401  (autouse fixture)
 from stllava_med.chat import IGNORE_INDEX, ChatFormat
+from stllava_med.data.pairs.datamodule import PreferenceDataModule
+from stllava_med.data.pairs.encoding import encode_pair
+from stllava_med.data.pairs.scan import PairLengths, PairMeasurer, scan_pairs
+from stllava_med.data.pairs.settings import PreferenceDataSettings
+from stllava_med.data.pairs.stream import PreferenceBatches, PreferenceLoader
 from stllava_med.data.preference import BadPairError, iter_pairs, resolve_image, resolve_shards
-from stllava_med.data.preference_dm import (
-    PairLengths,
-    PairMeasurer,
-    PreferenceBatches,
-    PreferenceDataModule,
-    PreferenceDataSettings,
-    PreferenceLoader,
-    encode_pair,
-    scan_pairs,
-)
 from stllava_med.data.vqa import load_image
 
 pytestmark = pytest.mark.integration

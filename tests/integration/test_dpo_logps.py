@@ -13,7 +13,8 @@ import torch
 
 from dpo_support import one_torch_thread, perturb_lora, sample_pairs, tiny_backbone, write_shard  # noqa: F401  (autouse fixture)
 from stllava_med.chat import ChatFormat
-from stllava_med.data.preference_dm import PreferenceDataModule, PreferenceDataSettings
+from stllava_med.data.pairs.datamodule import PreferenceDataModule
+from stllava_med.data.pairs.settings import PreferenceDataSettings
 from stllava_med.dpo.logps import LogProbs
 
 pytestmark = pytest.mark.integration

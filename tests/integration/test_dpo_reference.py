@@ -11,7 +11,9 @@ import torch
 
 from dpo_support import TINY_PATH, one_torch_thread, perturb_lora, sample_pairs, tiny_backbone, write_shard  # noqa: F401  (autouse fixture)
 from stllava_med.chat import ChatFormat
-from stllava_med.data.preference_dm import PreferenceDataModule, PreferenceDataSettings, processor_fingerprint
+from stllava_med.data.pairs.datamodule import PreferenceDataModule
+from stllava_med.data.pairs.scan import processor_fingerprint
+from stllava_med.data.pairs.settings import PreferenceDataSettings
 from stllava_med.dpo.reference import (
     AdapterOffReference,
     CopyReference,

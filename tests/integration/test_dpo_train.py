@@ -62,7 +62,8 @@ def test_a_run_trains_validates_and_exports(tmp_path, shard, tiny_backbone_path)
 
     from stllava_med.backbone import load_backbone
     from stllava_med.chat import ChatFormat
-    from stllava_med.data.preference_dm import PreferenceDataModule, PreferenceDataSettings
+    from stllava_med.data.pairs.datamodule import PreferenceDataModule
+    from stllava_med.data.pairs.settings import PreferenceDataSettings
     from stllava_med.dpo.logps import LogProbs
 
     out = tmp_path / "run"
