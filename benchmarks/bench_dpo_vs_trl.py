@@ -49,7 +49,7 @@ PROMPT = "Describe the findings in this image."
 
 
 def bench_backbone(shape: str) -> Path:
-    from stllava_med.backbone import TinySpec, ensure_tiny_backbone
+    from stllava_med.tiny import TinySpec, ensure_tiny_backbone
 
     corpus = [str(SAMPLE / "trainset.json"), str(SAMPLE / "testset.json")]
     if shape == "bench":

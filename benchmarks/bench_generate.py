@@ -30,11 +30,12 @@ sys.path.insert(0, str(REPO / "src"))
 
 import torch  # noqa: E402
 
-from stllava_med.backbone import TinySpec, ensure_tiny_backbone, load_backbone  # noqa: E402
+from stllava_med.backbone import load_backbone  # noqa: E402
 from stllava_med.chat import ChatFormat, prompt_text, vqa_turns  # noqa: E402
 from stllava_med.data.vqa import load_image, load_vqa_rad  # noqa: E402
 from stllava_med.eval.vqa import generate_batch  # noqa: E402
 from stllava_med.selftrain.generate import sample_sequences  # noqa: E402
+from stllava_med.tiny import TinySpec, ensure_tiny_backbone  # noqa: E402
 
 MODES = ("shared prefix", "num_return_sequences", "K separate calls")
 

@@ -46,7 +46,7 @@ def medvqa_dir() -> Path:
 
 
 def tiny_spec(**overrides):
-    from stllava_med.backbone import TinySpec
+    from stllava_med.tiny import TinySpec
 
     return TinySpec(corpus=[str(SAMPLE_DIR / "trainset.json"), str(SAMPLE_DIR / "testset.json")], **overrides)
 
@@ -54,7 +54,7 @@ def tiny_spec(**overrides):
 @pytest.fixture(scope="session")
 def tiny_backbone_path() -> Path:
     """The project's default tiny backbone (the same one `backbone=tiny` builds), cached in data/backbones."""
-    from stllava_med.backbone import ensure_tiny_backbone
+    from stllava_med.tiny import ensure_tiny_backbone
 
     return ensure_tiny_backbone(REPO_ROOT / "data" / "backbones" / "tiny", tiny_spec())
 

@@ -45,7 +45,8 @@ def tiny_backbone(*, lora: bool = True, quantization: str | None = None, r: int 
 
     sys.path.insert(0, str(REPO_ROOT / "tests"))
     from conftest import tiny_spec
-    from stllava_med.backbone import ensure_tiny_backbone, load_backbone
+    from stllava_med.backbone import load_backbone
+    from stllava_med.tiny import ensure_tiny_backbone
 
     ensure_tiny_backbone(TINY_PATH, tiny_spec())
     torch.manual_seed(seed)

@@ -12,12 +12,11 @@ from conftest import tiny_spec
 from stllava_med.backbone import (
     LoraSettings,
     apply_lora,
-    build_tiny_backbone,
-    ensure_tiny_backbone,
     export_merged,
     load_backbone,
     unpack_bnb_cpu_weights,
 )
+from stllava_med.tiny import build_tiny_backbone, ensure_tiny_backbone
 
 pytestmark = pytest.mark.integration
 

@@ -76,7 +76,7 @@ def test_score_composes_with_paths():
 
 def test_tiny_backbone_yaml_matches_the_test_fixture_recipe():
     from conftest import tiny_spec
-    from stllava_med.backbone import tiny_spec_from_config
+    from stllava_med.tiny import tiny_spec_from_config
 
     cfg = compose("evaluate")
     assert tiny_spec_from_config(_resolve(cfg)["backbone"]["tiny"]) == tiny_spec()
