@@ -1,7 +1,7 @@
 """K sampled answers per question, three ways:
 
 * ``shared prefix`` — what the generation stage does: each prompt and image encoded once, K samples decoded
-  from a repeated KV cache (:func:`stllava_med.selftrain.generate.sample_sequences`);
+  from a repeated KV cache (:func:`stllava_med.generation.sample_sequences`);
 * ``num_return_sequences`` — one ``generate(num_return_sequences=K)`` call (HF repeats the inputs, so the
   vision tower and prefill run K times, but decoding is batched);
 * ``K separate calls`` — K ``generate`` calls per batch.
@@ -33,8 +33,7 @@ import torch  # noqa: E402
 from stllava_med.backbone import load_backbone  # noqa: E402
 from stllava_med.chat import ChatFormat, prompt_text, vqa_turns  # noqa: E402
 from stllava_med.data.vqa import load_image, load_vqa_rad  # noqa: E402
-from stllava_med.eval.vqa import generate_batch  # noqa: E402
-from stllava_med.selftrain.generate import sample_sequences  # noqa: E402
+from stllava_med.generation import generate_batch, sample_sequences  # noqa: E402
 from stllava_med.tiny import TinySpec, ensure_tiny_backbone  # noqa: E402
 
 MODES = ("shared prefix", "num_return_sequences", "K separate calls")

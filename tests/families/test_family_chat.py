@@ -15,8 +15,8 @@ import torch
 
 from families.conftest import mixed_images
 from stllava_med.chat import ChatFormat, Turn, encode, prompt_text, render_with_spans
-from stllava_med.eval.vqa import generation_inputs
 from stllava_med.families import processor_family
+from stllava_med.generation import generation_inputs
 
 pytestmark = [pytest.mark.families, pytest.mark.usefixtures("one_thread")]
 
@@ -260,7 +260,7 @@ def test_prompt_is_training_prefix(family, family_backbone):
 
 
 def test_batched_generation_equals_single(family, family_backbone):
-    from stllava_med.eval.vqa import generate_batch
+    from stllava_med.generation import generate_batch
 
     processor, model = family_backbone.processor, family_backbone.model
     fam = processor_family(processor)

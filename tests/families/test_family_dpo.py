@@ -231,7 +231,7 @@ def test_dpo_gradients_through_the_fast_path_equal_the_generic_path(family, fami
 
 def test_shared_prefix_sampling_equals_num_return_sequences(family, family_backbone):
     from stllava_med.chat import Turn
-    from stllava_med.selftrain.generate import sample_sequences, supports_shared_prefix
+    from stllava_med.generation import sample_sequences, supports_shared_prefix
 
     backbone = family_backbone
     assert supports_shared_prefix(backbone.model) is (family in SHARED_PREFIX_SAMPLING)

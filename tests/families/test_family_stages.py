@@ -133,12 +133,12 @@ class Spy:
 
 
 def test_generate_self_questioning_in_the_questioner_role(family, family_path, tmp_path, monkeypatch):
-    import stllava_med.selftrain.generate as generation
+    import stllava_med.selftrain.generate as candidate_generation
     from stllava_med.generate import run_generate
     from stllava_med.selftrain.records import load_candidates
 
-    spy = Spy(generation.sample_sequences)
-    monkeypatch.setattr(generation, "sample_sequences", spy)
+    spy = Spy(candidate_generation.sample_sequences)
+    monkeypatch.setattr(candidate_generation, "sample_sequences", spy)
     out = tmp_path / "gen"
     cfg = compose("generate", [*backbone_overrides(family, family_path), *GENERATE_FAST, f"out_dir={out}",
                                "generate.question_source=self", "generate.question_prompt=questioner",

@@ -161,8 +161,7 @@ def test_shared_prefix_sampling_equals_num_return_sequences(tiny_backbone, sampl
 
     from stllava_med.chat import ChatFormat, prompt_text, vqa_turns
     from stllava_med.data.vqa import load_image
-    from stllava_med.eval.vqa import generate_batch
-    from stllava_med.selftrain.generate import sample_sequences, supports_shared_prefix
+    from stllava_med.generation import generate_batch, sample_sequences, supports_shared_prefix
 
     assert supports_shared_prefix(tiny_backbone.model)
     images = [load_image(p) for p in sorted((sample_dir / "images").glob("*.jpg"))[:3]]

@@ -14,95 +14,18 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 from tqdm.auto import tqdm
 
 from stllava_med.backbone import Backbone
 from stllava_med.chat import ChatFormat, prompt_text, vqa_turns
 from stllava_med.data.vqa import ImageError, VQARecord, load_image
 from stllava_med.eval.metrics import MedVQAMetrics
+from stllava_med.generation import generate_batch
 from stllava_med.utils.io import JsonlWriter, atomic_write_json, atomic_write_text, read_jsonl
 
 log = logging.getLogger(__name__)
 
 METRIC_KEYS = ("open_recall", "open_f1", "closed_accuracy", "closed_accuracy_strict")
-
-
-def model_device(model: torch.nn.Module) -> torch.device:
-    try:
-        return next(p.device for p in model.parameters())
-    except StopIteration:
-        return torch.device("cpu")
-
-
-def generation_inputs(processor: Any, prompts: Sequence[str], images: Sequence[Any] | None) -> Any:
-    """Processor inputs for a batch of rendered prompts, left-padded so continuations start in one column;
-    images passed the way the family's processor wants them; BOS never doubled."""
-    from stllava_med.chat import tokenizer_kwargs
-    from stllava_med.families import processor_family
-
-    family = processor_family(processor)
-    tokenizer = processor.tokenizer
-    previous_side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    try:
-        return processor(text=list(prompts), images=family.processor_images(images), padding=True,
-                         return_tensors="pt", **tokenizer_kwargs(processor, list(prompts)))
-    finally:
-        tokenizer.padding_side = previous_side
-
-
-def stop_settings(backbone: Backbone, *, questioner: bool = False) -> dict[str, Any]:
-    """``generate`` keywords that end a turn the family's way: every end-of-turn token (not only the
-    tokenizer's EOS, e.g. Gemma's ``<end_of_turn>``), and for a questioner turn that ends in text (Mistral's
-    ``[/INST]``) that text as a stop string."""
-    from stllava_med.families import processor_family
-
-    family = processor_family(backbone.processor)
-    settings: dict[str, Any] = {"eos_token_id": family.stop_token_ids(backbone.processor, backbone.model),
-                                "pad_token_id": backbone.processor.tokenizer.pad_token_id}
-    if questioner and family.questioner_stop:
-        settings["stop_strings"] = [family.questioner_stop]
-        settings["tokenizer"] = backbone.processor.tokenizer
-    return settings
-
-
-def decode_new(backbone: Backbone, new_tokens: torch.Tensor, *, questioner: bool = False) -> list[str]:
-    from stllava_med.families import processor_family
-
-    texts = backbone.processor.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-    stop = processor_family(backbone.processor).questioner_stop if questioner else None
-    if stop:
-        texts = [t.split(stop, 1)[0] for t in texts]
-    return [t.strip() for t in texts]
-
-
-@torch.inference_mode()
-def generate_batch(backbone: Backbone, prompts: Sequence[str], images: Sequence[Any], *, max_new_tokens: int,
-                   do_sample: bool = False, num_return_sequences: int = 1, questioner: bool = False,
-                   **sampling: Any) -> list[str]:
-    """Decode continuations for a batch of rendered prompts (left-padded); returns the new text only,
-    ``num_return_sequences`` consecutive entries per prompt. ``questioner``: the prompts end in the
-    questioner role (stops at the family's questioner end marker)."""
-    inputs = generation_inputs(backbone.processor, prompts, images)
-    device = model_device(backbone.model)
-    dtype = next((p.dtype for p in backbone.model.parameters() if p.is_floating_point()), torch.float32)
-    inputs = {k: (v.to(device, dtype=dtype) if k == "pixel_values" and v.is_floating_point() else v.to(device))
-              for k, v in inputs.items() if isinstance(v, torch.Tensor)}
-    was_training = backbone.model.training
-    backbone.model.eval()
-    try:
-        output = backbone.model.generate(
-            **inputs,
-            max_new_tokens=max_new_tokens,
-            do_sample=do_sample,
-            num_return_sequences=num_return_sequences,
-            **stop_settings(backbone, questioner=questioner),
-            **({k: v for k, v in sampling.items() if v is not None} if do_sample else {}),
-        )
-    finally:
-        backbone.model.train(was_training)
-    return decode_new(backbone, output[:, inputs["input_ids"].shape[1]:], questioner=questioner)
 
 
 def _done_ids(path: Path) -> dict[str, dict[str, Any]]:

@@ -15,13 +15,13 @@ come from a labelled VQA set and only step 3 runs. ``include_reference_answer`` 
 paper's method) adds the ground-truth answer to the sampled ones, so that a policy too weak to ever answer
 correctly — the tiny backbone of the offline demo, say — still yields preference pairs.
 
-Work is batched across images (``image_batch_size``) and questions (``answer_batch_size`` prompts × K
-sequences per call); each prompt and its image are encoded once and the K samples decode from a shared KV cache
-(:func:`sample_sequences`). Identical questions of an image and identical answers of a question are dropped and
-resampled, at most ``max_*_rounds`` more times. Sampling is seeded per batch of the full image list, so a rerun
-— or a resumed run — produces the same candidates. Candidates are appended to JSONL shards as each batch
-finishes, and an image counts as done only once its line is in ``progress.jsonl``; a rerun skips done images and
-discards the partial output of an image a kill interrupted.
+Work is batched across images (``image_batch_size``) and questions (``answer_batch_size`` prompts × K sequences
+per call); each prompt and its image are encoded once and the K samples decode from a shared KV cache
+(:func:`stllava_med.generation.sample_sequences`). Identical questions of an image and identical answers of a
+question are dropped and resampled, at most ``max_*_rounds`` more times. Sampling is seeded per batch of the
+full image list, so a rerun — or a resumed run — produces the same candidates. Candidates are appended to JSONL
+shards as each batch finishes, and an image counts as done only once its line is in ``progress.jsonl``; a rerun
+skips done images and discards the partial output of an image a kill interrupted.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from stllava_med.generation import generate_batch, sample_sequences, supports_shared_prefix
 from stllava_med.selftrain.records import Candidate, candidate_id
 from stllava_med.utils.io import JsonlWriter, read_jsonl, sha256_file, stable_hash, write_jsonl
 
@@ -266,91 +267,6 @@ def discard_unfinished(out_dir: Path, done: Mapping[str, Any]) -> int:
     return discarded
 
 
-def supports_shared_prefix(model: Any) -> bool:
-    """Whether the model's family continues exactly from a prefilled, repeated KV cache (LLaVA, LLaVA-NeXT,
-    Qwen2-VL family: tested against a fresh ``generate``); others take the plain num_return_sequences path."""
-    from stllava_med.families import UnsupportedFamilyFeature, family_of
-
-    try:
-        return family_of(model).shared_prefix_sampling
-    except UnsupportedFamilyFeature:
-        return False
-
-
-def sample_sequences(backbone: Any, prompts: Sequence[str], images: Sequence[Any], *, k: int, max_new_tokens: int,
-                     shared_prefix: bool = True, questioner: bool = False, **sampling: Any) -> list[str]:
-    """``k`` sampled continuations per prompt, ``k`` consecutive entries per prompt.
-
-    With ``shared_prefix`` each prompt and its image are encoded once: one forward pass fills the KV cache for
-    the batch, the cache is repeated ``k`` times, and decoding continues from it. ``generate``'s own
-    ``num_return_sequences`` repeats the *inputs* instead, so the vision tower and the prompt prefill run ``k``
-    times — the dominant cost for short answers to prompts with hundreds of image tokens. Both give the same
-    text for the same seed (tested)."""
-    import torch
-
-    from stllava_med.eval.vqa import (
-        decode_new,
-        generate_batch,
-        generation_inputs,
-        model_device,
-        stop_settings,
-    )
-    from stllava_med.families import family_of
-
-    if not shared_prefix or k == 1:
-        return generate_batch(backbone, prompts, images, max_new_tokens=max_new_tokens, do_sample=True,
-                              num_return_sequences=k, questioner=questioner, **sampling)
-    processor, model = backbone.processor, backbone.model
-    inputs = generation_inputs(processor, prompts, images)
-    device = model_device(model)
-    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-    input_ids = inputs["input_ids"].to(device)
-    attention_mask = inputs["attention_mask"].to(device)
-    extra = {key: (value.to(device, dtype=dtype) if value.is_floating_point() else value.to(device))
-             for key, value in inputs.items()
-             if isinstance(value, torch.Tensor) and key not in ("input_ids", "attention_mask")}
-    # generate() derives positions from the mask the same way; the prefill must agree with it. 3-D rope
-    # families compute theirs (and the offsets generate() continues from) inside the model's forward.
-    positions: dict[str, Any] = {}
-    if not family_of(model).rope_index:
-        positions["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, :-1]
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            # everything but the last prompt token: generate() must have one uncached token to start from
-            prefill = model(input_ids=input_ids[:, :-1], attention_mask=attention_mask[:, :-1],
-                            use_cache=True, **positions, **_prefix_extras(extra, input_ids.shape[1] - 1))
-            cache = prefill.cache
-            cache.batch_repeat_interleave(k)
-            _repeat_rope_deltas(model, k)
-            output = model.generate(
-                input_ids=input_ids.repeat_interleave(k, dim=0),
-                attention_mask=attention_mask.repeat_interleave(k, dim=0),
-                cache=cache, max_new_tokens=max_new_tokens, do_sample=True,
-                **stop_settings(backbone, questioner=questioner),
-                **{key: value for key, value in sampling.items() if value is not None},
-            )
-    finally:
-        model.train(was_training)
-    return decode_new(backbone, output[:, input_ids.shape[1]:], questioner=questioner)
-
-
-def _repeat_rope_deltas(model: Any, k: int) -> None:
-    """3-D rope families (Qwen2-VL / Qwen2.5-VL) keep the prefill's per-prompt rope offsets on the model, and
-    ``generate`` continues every row's positions from them: repeat them with the cache (one row per sample)."""
-    get_base = getattr(model, "get_base_model", None)
-    core = getattr(get_base() if callable(get_base) else model, "model", None)
-    deltas = getattr(core, "rope_deltas", None)
-    if deltas is not None and getattr(deltas, "dim", lambda: 0)() >= 1:
-        core.rope_deltas = deltas.repeat_interleave(k, dim=0)
-
-
-def _prefix_extras(extra: dict[str, Any], length: int) -> dict[str, Any]:
-    """Processor outputs for the prefill of the first ``length`` prompt tokens: per-token ones cut to it."""
-    return {key: (value[:, :length] if key.endswith("token_type_ids") else value) for key, value in extra.items()}
-
-
 def batch_seed(seed: int, batch_index: int) -> int:
     return int(stable_hash({"seed": seed, "batch": batch_index}, n=8), 16) % (2**31 - 1)
 
@@ -433,8 +349,6 @@ class CandidateGenerator:
     def run_batch(self, tasks: Sequence[ImageTask], images: Sequence[Any]) -> list[tuple[list[Candidate], dict[str, Any]]]:
         """Candidates (and a progress record) per task of a batch whose images are loaded."""
         settings = self.settings
-        from stllava_med.eval.vqa import generate_batch
-
         descriptions: list[str | None] = [None] * len(tasks)
         questions: list[list[GivenQuestion]] = []
         if settings.question_source == "self":

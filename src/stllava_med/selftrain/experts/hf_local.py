@@ -44,7 +44,7 @@ class HFLocalExpert(Expert):
     def _generate(self, prompt: str, image: Any, attempt: int) -> tuple[str, int, int]:
         import torch
 
-        from stllava_med.eval.vqa import generate_batch
+        from stllava_med.generation import generate_batch
 
         with self._lock:
             if attempt:
