@@ -9,13 +9,13 @@ from collections import Counter
 import pytest
 import torch
 
+from stllava_med.data.answers import normalize_answer_type
 from stllava_med.eval.metrics import (
     _CONTRACTIONS,
     MedVQAMetrics,
     closed_correct,
     closed_correct_strict,
     normalize_answer,
-    normalize_answer_type,
     open_f1_precision_recall,
     score_vqa,
     split_words,

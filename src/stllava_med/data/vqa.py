@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from stllava_med.eval.metrics import normalize_answer_type
+from stllava_med.data.answers import normalize_answer_type
 from stllava_med.utils.io import load_json, read_jsonl
 
 log = logging.getLogger(__name__)

@@ -23,19 +23,17 @@ from collections.abc import Sequence
 import torch
 import torchmetrics
 
+from stllava_med.data.answers import normalize_answer_type
+
 __all__ = [
-    "ANSWER_TYPES",
     "MedVQAMetrics",
     "closed_correct",
     "closed_correct_strict",
     "normalize_answer",
-    "normalize_answer_type",
     "open_f1_precision_recall",
     "score_vqa",
     "split_words",
 ]
-
-ANSWER_TYPES: tuple[str, str] = ("OPEN", "CLOSED")
 
 # Order matters: the VQA tool walks this list and each mark is either deleted
 # or turned into a space.  Note that "." and "'" are *not* in the list; periods
@@ -327,19 +325,6 @@ def closed_correct_strict(prediction: str, ground_truth: str) -> bool:
         return False
     pred_words = normalize_answer(prediction).split()
     return pred_words[: len(gt_words)] == gt_words
-
-
-def normalize_answer_type(value: object) -> str:
-    """Map an answer-type label to ``"OPEN"`` or ``"CLOSED"``.
-
-    Dataset files disagree on case and trailing whitespace (``"CLOSED "``,
-    ``"open"``); anything else is rejected loudly because silently dropping or
-    misfiling a question would shift every reported score.
-    """
-    normalized = str(value).strip().upper()
-    if normalized not in ANSWER_TYPES:
-        raise ValueError(f"unknown answer type {value!r}; expected one of {ANSWER_TYPES} (case-insensitive)")
-    return normalized
 
 
 class MedVQAMetrics(torchmetrics.Metric):

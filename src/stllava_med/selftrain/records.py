@@ -15,11 +15,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from stllava_med.data.answers import ANSWER_TYPES
 from stllava_med.utils.io import read_jsonl, stable_hash
 
 QUESTION_SOURCES = ("self", "dataset")
-# eval.metrics.ANSWER_TYPES, repeated so that reading candidates does not import torch (the judge runs without it)
-ANSWER_TYPES = ("OPEN", "CLOSED")
 JUDGEMENT_STATUSES = ("ok", "failed")
 
 

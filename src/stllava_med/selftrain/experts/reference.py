@@ -12,11 +12,11 @@ Scores use the rubric's 1–10 scale so that pairs, margins and summaries read t
 
 from __future__ import annotations
 
+from stllava_med.data.answers import normalize_answer_type
 from stllava_med.eval.metrics import (
     closed_correct,
     closed_correct_strict,
     normalize_answer,
-    normalize_answer_type,
     open_f1_precision_recall,
 )
 from stllava_med.selftrain.experts.base import SCORE_MAX, SCORE_MIN, Expert, ExpertResult, ItemError
