@@ -249,13 +249,6 @@ def is_projector_parameter(name: str, projector_modules: list[str] | tuple[str, 
     return any(m in name for m in projector_modules)
 
 
-def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts."""
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    return trainable, total
-
-
 # --------------------------------------------------------------------------------------------------------------
 # bitsandbytes on CPU: the repacking trap
 # --------------------------------------------------------------------------------------------------------------

@@ -93,10 +93,6 @@ def configure_adamw(module: LightningModule, model: nn.Module, settings: Mapping
 # --------------------------------------------------------------------------------------------------------------
 
 
-def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
-
-
 class TrainableOnlyCheckpoints:
     """Mixin for LightningModules over a big frozen base: checkpoints hold the trainable tensors only
     (LoRA, projector), so a 7B run writes megabytes, not 14 GB, every few hundred steps. The base weights

@@ -13,7 +13,6 @@ tokens through forward + backward + optimizer step per second, per device), ``qu
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -173,8 +172,3 @@ class SFTModule(TrainableOnlyCheckpoints, LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         settings = asdict(self.optim)
         return configure_adamw(self, self.model, settings, projector_modules=self.optim.projector_modules)
-
-
-def trainable_names(model: nn.Module, contains: Sequence[str] = ()) -> list[str]:
-    """Names of trainable parameters (optionally only those containing every string in ``contains``)."""
-    return [n for n, p in model.named_parameters() if p.requires_grad and all(c in n for c in contains)]
