@@ -58,7 +58,7 @@ def run_evaluate(cfg: DictConfig, out_dir: Path | None = None) -> dict[str, Any]
     return results
 
 
-@hydra.main(version_base="1.3", config_path="../../conf", config_name="evaluate")
+@hydra.main(version_base="1.3", config_path=_config.conf_dir(), config_name="evaluate")
 def main(cfg: DictConfig) -> None:
     run_evaluate(cfg)
 

@@ -84,7 +84,7 @@ def run_generate(cfg: DictConfig, out_dir: Path | None = None) -> dict[str, Any]
     return summary
 
 
-@hydra.main(version_base="1.3", config_path="../../conf", config_name="generate")
+@hydra.main(version_base="1.3", config_path=_config.conf_dir(), config_name="generate")
 def main(cfg: DictConfig) -> None:
     run_generate(cfg)
 

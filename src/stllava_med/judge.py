@@ -179,7 +179,7 @@ def run_judge(cfg: DictConfig, out_dir: Path | None = None) -> dict[str, Any]:
     return summary
 
 
-@hydra.main(version_base="1.3", config_path="../../conf", config_name="judge")
+@hydra.main(version_base="1.3", config_path=_config.conf_dir(), config_name="judge")
 def main(cfg: DictConfig) -> None:
     run_judge(cfg)
 

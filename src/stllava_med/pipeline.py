@@ -31,7 +31,7 @@ from stllava_med.utils.io import atomic_write_json, atomic_write_text, file_lock
 log = logging.getLogger("stllava_med.pipeline")
 
 STAGES = ("sft", "generate", "judge", "dpo", "evaluate")
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+CONF_DIR = Path(_config.conf_dir())
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -296,7 +296,7 @@ def comparison_plot(evaluations: dict[str, dict[str, Any]], path: Path) -> Path 
     return path
 
 
-@hydra.main(version_base="1.3", config_path="../../conf", config_name="pipeline")
+@hydra.main(version_base="1.3", config_path=_config.conf_dir(), config_name="pipeline")
 def main(cfg: DictConfig) -> None:
     summary = run_pipeline(cfg)
     print(f"\nSTLLaVA-Med pipeline — {summary['root']}\n\n{summary['table']}")

@@ -66,7 +66,7 @@ def _natural(value: str) -> tuple[int, Any]:
     return (0, int(value)) if value.isdigit() else (1, value)
 
 
-@hydra.main(version_base="1.3", config_path="../../conf", config_name="score")
+@hydra.main(version_base="1.3", config_path=_config.conf_dir(), config_name="score")
 def main(cfg: DictConfig) -> None:
     try:
         result = score_files(str(cfg.gt), str(cfg.pred), language=cfg.get("language"))

@@ -178,7 +178,7 @@ def run_train_dpo(cfg: DictConfig, *, callbacks: Iterable[Any] = (), out_dir: Pa
     return summary
 
 
-@hydra.main(version_base="1.3", config_path="../../conf", config_name="dpo")
+@hydra.main(version_base="1.3", config_path=_config.conf_dir(), config_name="dpo")
 def main(cfg: DictConfig) -> None:
     run_train_dpo(cfg)
 

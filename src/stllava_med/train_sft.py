@@ -179,7 +179,7 @@ def run_train_sft(cfg: DictConfig, *, callbacks: Sequence[Any] = ()) -> dict[str
     return summary
 
 
-@hydra.main(version_base="1.3", config_path="../../conf", config_name="sft")
+@hydra.main(version_base="1.3", config_path=_config.conf_dir(), config_name="sft")
 def main(cfg: DictConfig) -> None:
     run_train_sft(cfg)
 

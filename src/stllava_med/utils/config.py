@@ -52,6 +52,19 @@ def project_root() -> Path:
     return Path.cwd().resolve()
 
 
+def conf_dir() -> str:
+    """The Hydra config directory (absolute): the checkout's top-level ``conf/`` when running from source
+    (``src/`` layout: editable install or ``PYTHONPATH=src``), else the copy an installed wheel ships as
+    ``stllava_med/conf`` (setup.py maps the package ``stllava_med.conf`` onto ``conf/``)."""
+    import stllava_med
+
+    package = Path(stllava_med.__file__).resolve().parent
+    checkout = package.parent.parent / "conf"
+    if package.parent.name == "src" and checkout.is_dir():
+        return str(checkout)
+    return str(package / "conf")
+
+
 def register_resolvers() -> None:
     """Idempotently register the resolvers our YAML files use."""
     if not OmegaConf.has_resolver("project_root"):
