@@ -5,8 +5,11 @@ Everything downstream receives a :class:`Backbone` (model + processor); only the
 directory through ``AutoModelForImageTextToText`` / ``AutoProcessor``. The ``tiny`` backbone
 (:mod:`stllava_med.tiny`) is built at its cache path on first use and then loads like any other directory.
 """
+
 from __future__ import annotations
 
+import copy
+import dataclasses
 import logging
 import os
 import shutil
@@ -18,7 +21,10 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers import AutoConfig, AutoModelForImageTextToText, BitsAndBytesConfig
 
+from stllava_med.families import bind, family_of
+from stllava_med.families.processor_loading import load_processor_components
 from stllava_med.tiny import ensure_tiny_backbone, tiny_spec_from_config
 
 log = logging.getLogger(__name__)
@@ -75,7 +81,6 @@ def quantization_config(quantization: str | None, compute_dtype: str | None = "b
     """bitsandbytes config for ``4bit`` / ``8bit`` (QLoRA), or None."""
     if not quantization:
         return None
-    from transformers import BitsAndBytesConfig
 
     q = str(quantization).lower()
     if q in ("4bit", "4", "nf4", "fp4"):
@@ -98,11 +103,6 @@ def load_processor(name_or_path: str, *, trust_remote_code: bool = False, paddin
     """The model's processor with its family bound (:func:`stllava_med.families.bind`): the family's own chat
     template installed where it has one. Qwen2-VL-family processors load without torchvision (their video
     processor needs it; images use the PIL backend) — see :mod:`stllava_med.families.processor_loading`."""
-    from transformers import AutoConfig
-
-    from stllava_med.families import bind, family_of
-    from stllava_med.families.processor_loading import load_processor_components
-
     config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     family = family_of(config)
     processor = load_processor_components(name_or_path, trust_remote_code=trust_remote_code)
@@ -127,8 +127,6 @@ def load_model(
     device_map: Any = None,
     trust_remote_code: bool = False,
 ) -> nn.Module:
-    from transformers import AutoModelForImageTextToText
-
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
     torch_dtype = parse_dtype(dtype)
     if torch_dtype is not None:
@@ -171,8 +169,6 @@ class LoraSettings:
 
     def for_family(self, family: Any) -> LoraSettings:
         """These settings with every null module choice filled in from ``family``."""
-        import dataclasses
-
         return dataclasses.replace(
             self,
             target_modules=self.target_modules or family.lora_targets,
@@ -201,9 +197,9 @@ def apply_lora(model: nn.Module, settings: LoraSettings, *, gradient_checkpointi
     """Wrap ``model`` with a LoRA adapter. The projector, when trained, is a peft ``modules_to_save`` copy:
     it is saved with the adapter, and disabling the adapter restores the original projector — which is what
     the ``adapter_off`` DPO reference needs."""
+    # peft is imported where an adapter is made or loaded: importing it imports bitsandbytes (whose CPU
+    # backend logs on import), which evaluation and generation with a plain model never need.
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-
-    from stllava_med.families import family_of
 
     family = family_of(model)
     settings = settings.for_family(family)
@@ -317,7 +313,7 @@ def load_backbone(cfg: Mapping[str, Any], *, with_lora: bool | None = None, padd
     )
     adapter_path = cfg.get("adapter_path")
     if adapter_path:
-        from peft import PeftModel
+        from peft import PeftModel  # see apply_lora
 
         model = PeftModel.from_pretrained(model, str(adapter_path))
     lora = LoraSettings.from_config(cfg.get("lora"))
@@ -328,12 +324,17 @@ def load_backbone(cfg: Mapping[str, Any], *, with_lora: bool | None = None, padd
     return Backbone(model=model, processor=processor, name=str(cfg.get("name", "backbone")), name_or_path=name_or_path)
 
 
+def pick_device(name: str | None) -> torch.device:
+    """The device a ``device`` config key names; ``auto`` / null: CUDA when available, else the CPU."""
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(str(name))
+
+
 def export_merged(model: nn.Module, processor: Any, out_dir: str | os.PathLike, *, adapter_dir: str | os.PathLike | None = None) -> Path:
     """Save the LoRA adapter (``adapter_dir``) and a merged full model + processor at ``out_dir`` that
     ``AutoModelForImageTextToText`` / ``AutoProcessor`` (and vLLM) load directly. The live model is left
     untouched: merging happens on a copy of the weights."""
-    import copy
-
     out_dir = Path(out_dir)
     if adapter_dir is not None and hasattr(model, "peft_config"):
         model.save_pretrained(adapter_dir)

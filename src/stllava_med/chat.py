@@ -27,6 +27,8 @@ from typing import Any, Literal
 
 import torch
 
+from stllava_med.families import processor_family
+
 IGNORE_INDEX = -100
 Role = Literal["system", "user", "assistant", "questioner"]
 TARGET_ROLES = ("assistant", "questioner")
@@ -136,7 +138,6 @@ def render_with_spans(processor: Any, turns: Sequence[Turn], fmt: ChatFormat, *,
     """Render ``turns`` and return the text plus the character spans that are training targets."""
     messages = to_messages(turns, fmt, image=image)
     offset = 1 if (fmt.system_prompt and (not turns or turns[0].role != "system")) else 0
-    from stllava_med.families import processor_family
 
     family = processor_family(processor)
     eos = family.end_of_turn_text(processor)
@@ -225,8 +226,6 @@ def encode(processor: Any, turns: Sequence[Turn], fmt: ChatFormat, image: Any | 
     ``<fake_token_around_image>``, Gemma's ``<start_of_image>`` block, Qwen's merged patches). Raises
     :class:`SequenceTooLong` when the result exceeds ``max_length`` — conversations are never truncated,
     because cutting image tokens breaks the model and cutting answers changes the targets."""
-    from stllava_med.families import processor_family
-
     family = processor_family(processor)
     text, spans = render_with_spans(processor, turns, fmt, image=image is not None, target_roles=target_roles)
     kwargs: dict[str, Any] = {"text": [text], "return_tensors": "pt", "return_offsets_mapping": True,

@@ -19,6 +19,8 @@ import logging
 import sys
 from pathlib import Path
 
+from tqdm.auto import tqdm
+
 from stllava_med.data.preference import (
     BAD_PAIR_POLICIES,
     SkipReport,
@@ -27,6 +29,7 @@ from stllava_med.data.preference import (
     vqa_ground_truth_pairs,
     write_shards,
 )
+from stllava_med.data.vqa import load_vqa_rad
 from stllava_med.utils.io import atomic_write_json
 
 log = logging.getLogger("stllava_med.convert_pairs")
@@ -35,8 +38,6 @@ log = logging.getLogger("stllava_med.convert_pairs")
 def build_vqa_rad_pairs(root: Path, split: str, out: Path, *, seed: int = 0, relative: bool = True,
                         shard_size: int = 10000, prefix: str | None = None) -> tuple[list[Path], dict]:
     """Ground-truth pairs from VQA-RAD in the MEVF split files (the bundled sample's format)."""
-    from stllava_med.data.vqa import load_vqa_rad
-
     records, load_report = load_vqa_rad(root, split)
     pairs = vqa_ground_truth_pairs(records, seed=seed, source=f"{root.name}/{split}/ground_truth",
                                    id_prefix=f"vqa_rad-{split}")
@@ -77,8 +78,6 @@ def main(argv: list[str] | None = None) -> int:
             for path in args.inputs:
                 yield from convert_records(path, args.format, image_root=args.image_root, images_dir=images_dir,
                                            on_bad_pair=args.on_bad_pair, report=report_obj)
-
-        from tqdm.auto import tqdm
 
         progress = tqdm(pairs(), desc="convert", unit="pair", mininterval=2.0)
         stream = relative_images(progress, args.out) if args.relative_images else progress

@@ -17,18 +17,22 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from stllava_med.data.vqa import dataset_specs, load_vqa
 from stllava_med.utils import config as _config  # noqa: F401  (registers resolvers)
+from stllava_med.utils.io import atomic_write_json, atomic_write_text
+from stllava_med.utils.runtime import finish_run, start_run
+
+# The stage's own modules load torch, transformers and Lightning: they are imported inside the functions that
+# run it, so that start-up (--help, config composition and its errors) stays light and Hydra has set up
+# logging first.
 
 log = logging.getLogger("stllava_med.evaluate")
 
 
 def run_evaluate(cfg: DictConfig, out_dir: Path | None = None) -> dict[str, Any]:
-    from stllava_med.backbone import load_backbone
+    from stllava_med.backbone import load_backbone, pick_device
     from stllava_med.chat import ChatFormat
-    from stllava_med.data.vqa import dataset_specs, load_vqa
     from stllava_med.eval.vqa import evaluate_dataset, markdown_table
-    from stllava_med.utils.io import atomic_write_json, atomic_write_text
-    from stllava_med.utils.runtime import finish_run, pick_device, start_run
 
     out_dir = out_dir or start_run(cfg, "evaluate")
     specs = dataset_specs(cfg.data)

@@ -19,14 +19,20 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from stllava_med.data.vqa import dataset_specs, load_vqa
 from stllava_med.utils import config as _config  # noqa: F401  (registers resolvers)
+from stllava_med.utils.io import atomic_write_json
+from stllava_med.utils.runtime import finish_run, start_run
+
+# The stage's own modules load torch, transformers and Lightning: they are imported inside the functions that
+# run it, so that start-up (--help, config composition and its errors) stays light and Hydra has set up
+# logging first.
 
 log = logging.getLogger("stllava_med.generate")
 
 
 def image_tasks(cfg: DictConfig, settings: Any) -> tuple[list[Any], dict[str, Any]]:
     """The images (and, for question_source=dataset, their labelled questions) to generate for."""
-    from stllava_med.data.vqa import dataset_specs, load_vqa
     from stllava_med.selftrain.generate import list_images, tasks_from_paths, tasks_from_records
 
     images = cfg.generate.get("images")
@@ -52,11 +58,9 @@ def image_tasks(cfg: DictConfig, settings: Any) -> tuple[list[Any], dict[str, An
 
 def run_generate(cfg: DictConfig, out_dir: Path | None = None) -> dict[str, Any]:
     """Generate candidates per ``cfg.generate`` with ``cfg.backbone``; write shards, progress and summary."""
-    from stllava_med.backbone import load_backbone
+    from stllava_med.backbone import load_backbone, pick_device
     from stllava_med.chat import ChatFormat
     from stllava_med.selftrain.generate import GenerationSettings, generate_candidates
-    from stllava_med.utils.io import atomic_write_json
-    from stllava_med.utils.runtime import finish_run, pick_device, start_run
 
     generate_cfg = OmegaConf.to_container(cfg.generate, resolve=True)
     assert isinstance(generate_cfg, dict)

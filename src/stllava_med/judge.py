@@ -22,7 +22,17 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from stllava_med.selftrain.judge import JudgeSettings, judge_candidates
+from stllava_med.selftrain.pairs import PairSettings, build_pairs, write_shards
+from stllava_med.selftrain.records import load_candidates
+from stllava_med.selftrain.store import JudgementStore
 from stllava_med.utils import config as _config  # noqa: F401  (registers resolvers)
+from stllava_med.utils.config import resolve_out_dir, save_config
+from stllava_med.utils.io import atomic_write_json
+from stllava_med.utils.runtime import finish_run
+
+# The experts are imported by kind in build_expert: the OpenAI client only for expert=openai, torch only for
+# reference / hf_local, so that judging through an API starts without either.
 
 log = logging.getLogger("stllava_med.judge")
 
@@ -68,10 +78,9 @@ def build_expert(expert_cfg: Mapping[str, Any], *, seed: int = 0) -> Any:
 
         return ReferenceExpert(closed_match=str(cfg.get("closed_match", "strict")))
     if kind == "hf_local":
-        from stllava_med.backbone import load_backbone
+        from stllava_med.backbone import load_backbone, pick_device
         from stllava_med.chat import ChatFormat
         from stllava_med.selftrain.experts.hf_local import HFLocalExpert
-        from stllava_med.utils.runtime import pick_device
 
         backbone_cfg = cfg.get("backbone")
         if not backbone_cfg:
@@ -88,8 +97,6 @@ def build_expert(expert_cfg: Mapping[str, Any], *, seed: int = 0) -> Any:
 def _start(cfg: DictConfig) -> Path:
     # Like utils.runtime.start_run, minus seeding through Lightning: judging through an API needs neither torch
     # nor Lightning, and importing them would triple the start-up time of every (resumed) judge job.
-    from stllava_med.utils.config import resolve_out_dir, save_config
-
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     out_dir = resolve_out_dir(cfg, "judge")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -98,24 +105,8 @@ def _start(cfg: DictConfig) -> Path:
     return out_dir
 
 
-def _finish(out_dir: Path, summary: dict[str, Any]) -> None:
-    # utils.runtime.finish_run's job-directory record, without importing torch
-    from stllava_med.utils.config import hydra_output_dir
-    from stllava_med.utils.io import atomic_write_json
-
-    job_dir = hydra_output_dir()
-    if job_dir is not None and job_dir.resolve() != out_dir.resolve():
-        atomic_write_json(job_dir / "run_info.json", {"stage": "judge", "out_dir": str(out_dir), **summary})
-
-
 def run_judge(cfg: DictConfig, out_dir: Path | None = None) -> dict[str, Any]:
     """Judge ``cfg.candidates`` with ``cfg.expert``, build pairs, write the store, shards and ``summary.json``."""
-    from stllava_med.selftrain.judge import JudgeSettings, judge_candidates
-    from stllava_med.selftrain.pairs import PairSettings, build_pairs, write_shards
-    from stllava_med.selftrain.records import load_candidates
-    from stllava_med.selftrain.store import JudgementStore
-    from stllava_med.utils.io import atomic_write_json
-
     if not cfg.get("candidates"):
         raise ValueError("judge: set candidates=<file, directory of shards, or glob> (a generation run's output)")
     expert_cfg = OmegaConf.to_container(cfg.expert, resolve=True)
@@ -175,7 +166,7 @@ def run_judge(cfg: DictConfig, out_dir: Path | None = None) -> dict[str, Any]:
               f"{pair_stats.unjudged} unjudged, {pair_stats.pairs} pairs "
               f"({stats.requests} requests this run, ${usage.cost_usd:.4f} in all)"
               f"{' — stopped: ' + stats.stopped if stats.stopped else ''}\nwritten to {out_dir}")
-    _finish(out_dir, {"pairs": pair_stats.pairs, "judged": pair_stats.judged, "stopped": stats.stopped})
+    finish_run(out_dir, "judge", {"pairs": pair_stats.pairs, "judged": pair_stats.judged, "stopped": stats.stopped})
     return summary
 
 

@@ -22,11 +22,19 @@ from pathlib import Path
 from typing import Any
 
 import hydra
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from stllava_med.evaluate import run_evaluate
+from stllava_med.generate import run_generate
+from stllava_med.judge import run_judge
+from stllava_med.train_dpo import run_train_dpo
+from stllava_med.train_sft import run_train_sft
 from stllava_med.utils import config as _config  # noqa: F401  (registers resolvers)
-from stllava_med.utils.config import config_fingerprint, project_root
+from stllava_med.utils.config import config_fingerprint, project_root, save_config
 from stllava_med.utils.io import atomic_write_json, atomic_write_text, file_lock
+from stllava_med.utils.runtime import finish_run
 
 log = logging.getLogger("stllava_med.pipeline")
 
@@ -41,9 +49,6 @@ CONF_DIR = Path(_config.conf_dir())
 
 def compose_stage(name: str, overrides: list[str]) -> DictConfig:
     """``conf/<name>.yaml`` with ``overrides``, exactly as ``python -m stllava_med.<stage>`` would compose it."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
     if GlobalHydra.instance().is_initialized():
         return compose(config_name=name, overrides=overrides)
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
@@ -146,13 +151,6 @@ def pipeline_root(cfg: DictConfig) -> Path:
 
 
 def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
-    from stllava_med.evaluate import run_evaluate
-    from stllava_med.generate import run_generate
-    from stllava_med.judge import run_judge
-    from stllava_med.train_sft import run_train_sft
-    from stllava_med.utils.config import save_config
-    from stllava_med.utils.runtime import finish_run
-
     root = pipeline_root(cfg)
     root.mkdir(parents=True, exist_ok=True)
     enabled = {s: bool((cfg.pipeline.get("stages") or {}).get(s, True)) for s in STAGES}
@@ -205,7 +203,6 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
             raise RuntimeError(f"{group}: the judge produced no preference pairs (see {judged['dir']}/summary.json)")
         if not enabled["dpo"]:
             break
-        from stllava_med.train_dpo import run_train_dpo
 
         dpo_cfg = stage_config(cfg, "dpo", backbone=_policy_backbone(policy, policy["name_or_path"], policy["name"]),
                                **{"data.path": str(Path(judged["dir"]) / "preference")})

@@ -18,7 +18,11 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
+from stllava_med.data.vqa import load_ground_truth
 from stllava_med.utils import config as _config  # noqa: F401  (registers resolvers)
+from stllava_med.utils.io import read_jsonl
+
+# score_vqa's module holds the torchmetrics metric (torch): imported in score_files, not at start-up.
 
 OUTPUT_KEYS = ("open_recall", "open_f1", "closed_accuracy", "closed_accuracy_strict", "n_open", "n_closed")
 
@@ -33,9 +37,7 @@ def _preview(ids: list[str], n: int = 10) -> str:
 
 
 def score_files(gt: str | Path, pred: str | Path, *, language: str | None = "en") -> dict[str, Any]:
-    from stllava_med.data.vqa import load_ground_truth
     from stllava_med.eval.metrics import score_vqa
-    from stllava_med.utils.io import read_jsonl
 
     records = load_ground_truth(gt, language=language)
     predictions: dict[str, str] = {}

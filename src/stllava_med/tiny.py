@@ -18,6 +18,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from transformers import (
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+    PreTrainedTokenizerFast,
+)
+
+from stllava_med.utils.io import file_lock, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -91,9 +102,6 @@ def _corpus_lines(files: list[str]) -> list[str]:
 
 
 def _train_tiny_tokenizer(spec: TinySpec) -> Any:
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.normalizer = normalizers.NFKC()
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -118,14 +126,9 @@ def _train_tiny_tokenizer(spec: TinySpec) -> Any:
 
 def build_tiny_backbone(path: str | os.PathLike, spec: TinySpec) -> Path:
     """Build the tiny LLaVA deterministically from ``spec`` and save it as an HF directory at ``path``."""
-    from transformers import (
-        CLIPImageProcessor,
-        CLIPVisionConfig,
-        LlamaConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        LlavaProcessor,
-    )
+    # Imported here: without torchvision, importing CLIPImageProcessor logs a fallback warning (to its PIL
+    # class), which only a build should print, not every import of stllava_med.backbone.
+    from transformers import CLIPImageProcessor
 
     path = Path(path)
     tokenizer = _train_tiny_tokenizer(spec)
@@ -189,8 +192,6 @@ def build_tiny_backbone(path: str | os.PathLike, spec: TinySpec) -> Path:
 
 def _spec_record(spec: TinySpec) -> dict[str, Any]:
     """The build recipe, with the tokenizer corpus identified by content (not path), for cache validation."""
-    from stllava_med.utils.io import sha256_file
-
     record: dict[str, Any] = {k: v for k, v in spec.__dict__.items() if k != "corpus"}
     record["corpus_sha256"] = [sha256_file(c) for c in spec.corpus]
     return record
@@ -215,7 +216,6 @@ def ensure_tiny_backbone(path: str | os.PathLike, spec: TinySpec) -> Path:
     path = Path(path)
     if _cache_is_current(path, spec):
         return path
-    from stllava_med.utils.io import file_lock
 
     with file_lock(path.parent / f".{path.name}.lock"):
         if _cache_is_current(path, spec):

@@ -24,6 +24,12 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from stllava_med.utils import config as _config  # noqa: F401  (registers resolvers)
+from stllava_med.utils.io import atomic_write_json
+from stllava_med.utils.runtime import finish_run, start_run
+
+# The stage's own modules load torch, transformers and Lightning: they are imported inside the functions that
+# run it, so that start-up (--help, config composition and its errors) stays light and Hydra has set up
+# logging first.
 
 log = logging.getLogger("stllava_med.train_dpo")
 
@@ -115,8 +121,6 @@ def run_train_dpo(cfg: DictConfig, *, callbacks: Iterable[Any] = (), out_dir: Pa
     from stllava_med.data.pairs.settings import PreferenceDataSettings
     from stllava_med.dpo.module import DPOModule, DPOSettings
     from stllava_med.training import BnbCpuGuard, build_trainer, resume_checkpoint
-    from stllava_med.utils.io import atomic_write_json
-    from stllava_med.utils.runtime import finish_run, start_run
 
     out_dir = out_dir or start_run(cfg, "dpo")
     settings = DPOSettings.from_config(_container(cfg.dpo))

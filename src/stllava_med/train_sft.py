@@ -22,7 +22,14 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from stllava_med.data.vqa import dataset_specs
 from stllava_med.utils import config as _config  # noqa: F401  (registers resolvers)
+from stllava_med.utils.io import atomic_write_json, load_json
+from stllava_med.utils.runtime import finish_run, start_run
+
+# The stage's own modules load torch, transformers and Lightning: they are imported inside the functions that
+# run it, so that start-up (--help, config composition and its errors) stays light and Hydra has set up
+# logging first.
 
 log = logging.getLogger("stllava_med.train_sft")
 
@@ -34,8 +41,6 @@ def _plain(node: Any) -> Any:
 
 
 def _finished_summary(out_dir: Path) -> dict[str, Any] | None:
-    from stllava_med.utils.io import load_json
-
     path = out_dir / "metrics.json"
     if not path.is_file():
         return None
@@ -51,7 +56,6 @@ def _finished_summary(out_dir: Path) -> dict[str, Any] | None:
 def load_sft_records(data_cfg: Any) -> tuple[list[Any], dict[str, Any]]:
     """Every selected dataset as conversations, plus the loaders' reports."""
     from stllava_med.data.instruct import check_unique, load_conversations
-    from stllava_med.data.vqa import dataset_specs
 
     data = _plain(data_cfg)
     records: list[Any] = []
@@ -99,8 +103,6 @@ def run_train_sft(cfg: DictConfig, *, callbacks: Sequence[Any] = ()) -> dict[str
     )
     from stllava_med.sft.module import SFTModule, SFTOptimSettings
     from stllava_med.training import BnbCpuGuard, build_trainer, resume_checkpoint
-    from stllava_med.utils.io import atomic_write_json
-    from stllava_med.utils.runtime import finish_run, start_run
 
     out_dir = start_run(cfg, STAGE)
     finished = _finished_summary(out_dir)

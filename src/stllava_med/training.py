@@ -14,10 +14,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from hydra.utils import instantiate
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.plugins.environments import SLURMEnvironment
 from torch import nn
 
 from stllava_med.backbone import is_lora_parameter, is_projector_parameter, unpack_bnb_cpu_weights
+from stllava_med.families import family_of
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +41,6 @@ def param_groups(model: nn.Module, *, lr: float, projector_lr: float | None = No
         def projector(name: str) -> bool:
             return is_projector_parameter(name, tuple(projector_modules))
     else:  # the family knows its projector (LLaVA's multi_modal_projector, Qwen's visual.merger, ...)
-        from stllava_med.families import family_of
-
         projector = family_of(model).is_projector_parameter
     groups: dict[str, dict[str, Any]] = {}
     for name, param in model.named_parameters():
@@ -169,8 +171,6 @@ def _under_slurm() -> bool:
 
 def build_loggers(logger_cfg: Mapping[str, Any] | None, out_dir: Path) -> list[Any]:
     """Instantiate every entry of the ``logger`` group (``logger=[csv,tensorboard]``) into ``out_dir``."""
-    from hydra.utils import instantiate
-
     loggers = []
     for name, entry in dict(logger_cfg or {}).items():
         if entry is None or "_target_" not in entry:
@@ -187,9 +187,6 @@ def build_trainer(trainer_cfg: Mapping[str, Any], out_dir: Path, *, logger_cfg: 
 
     Requeueing has one owner: under submitit (our Hydra launcher) Lightning's SLURM plugin must not requeue
     too, so ``slurm_auto_requeue`` is off by default; ``scripts/slurm/*.sbatch`` turns it on for plain sbatch."""
-    from hydra.utils import instantiate
-    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
-
     # last.ckpt after the last batch of every epoch, at the end of training and, when asked, every N optimizer
     # steps. Every save happens at a batch end: Lightning resumes mid-epoch state exactly from those, whereas
     # its epoch-end checkpoints resume into a confused epoch counter.
@@ -208,8 +205,6 @@ def build_trainer(trainer_cfg: Mapping[str, Any], out_dir: Path, *, logger_cfg: 
     kwargs: dict[str, Any] = {"default_root_dir": str(out_dir), "callbacks": all_callbacks,
                               "logger": loggers if loggers else False}
     if _under_slurm():
-        from lightning.pytorch.plugins.environments import SLURMEnvironment
-
         kwargs["plugins"] = [SLURMEnvironment(auto_requeue=slurm_auto_requeue)]
     cfg = dict(trainer_cfg)
     cfg.setdefault("_target_", "lightning.pytorch.Trainer")

@@ -31,6 +31,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from PIL import Image
+
 from stllava_med.data.vqa import LoadReport
 from stllava_med.utils.io import atomic_write_text, load_json, read_jsonl
 
@@ -235,7 +237,7 @@ def read_records(path: str | os.PathLike) -> Iterator[tuple[dict[str, Any], str]
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix == ".parquet":
-        import pyarrow.parquet as pq
+        import pyarrow.parquet as pq  # only Parquet inputs need pyarrow (and its import time)
 
         table = pq.ParquetFile(path)
         index = 0
@@ -285,8 +287,6 @@ class _MultiTurn(ValueError):
 
 
 def _save_image_bytes(data: bytes, images_dir: Path) -> str:
-    from PIL import Image
-
     digest = hashlib.sha256(data).hexdigest()[:24]
     with Image.open(io.BytesIO(data)) as img:
         ext = (img.format or "png").lower().replace("jpeg", "jpg")

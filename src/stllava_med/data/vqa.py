@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from stllava_med.data.answers import normalize_answer_type
-from stllava_med.utils.io import load_json, read_jsonl
+from stllava_med.utils.io import atomic_write_text, load_json, read_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -294,7 +294,7 @@ def load_pathvqa(root: str | Path, split: str = "test", *, image_cache: str | Pa
     """PathVQA in its widely used parquet form (``image`` = ``{bytes, path}``, ``question``, ``answer``), files
     ``<split>-*.parquet`` under ``root`` or ``root/data``. Image bytes are written once to ``image_cache``
     (content-addressed names), so downstream stages see ordinary image paths."""
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq  # only PathVQA's Parquet files need pyarrow (and its import time)
 
     root = Path(root)
     files = sorted([*root.glob(f"{split}-*.parquet"), *root.glob(f"data/{split}-*.parquet"),
@@ -476,8 +476,6 @@ def load_ground_truth(path: str | Path, *, language: str | None = "en") -> list[
 
 def write_llava_med_eval(records: Iterable[VQARecord], path: str | Path, image_root: str | Path) -> Path:
     """Write records in the LLaVA-Med evaluation format (image paths relative to ``image_root``)."""
-    from stllava_med.utils.io import atomic_write_text
-
     rows = []
     for record in records:
         rows.append({

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from stllava_med.chat import IGNORE_INDEX
+from stllava_med.families import UnsupportedFamilyFeature, family_of
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +77,6 @@ class LogProbs:
     _logged_fallbacks: set[str] = set()
 
     def __init__(self, model: nn.Module, *, prefix_sharing: bool = True) -> None:
-        from stllava_med.families import UnsupportedFamilyFeature, family_of
-
         self.model = model
         self.inner = unwrap_model(model)
         try:

@@ -18,6 +18,7 @@ bitsandbytes repacks 4-bit weights after an eval-mode forward without gradients 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import math
@@ -27,7 +28,9 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+from huggingface_hub import snapshot_download
 from torch import nn
+from tqdm.auto import tqdm
 
 from stllava_med.dpo.logps import LogProbs
 from stllava_med.utils.io import atomic_write_json, file_lock, sha256_file, stable_hash
@@ -105,8 +108,6 @@ def _local_model_dir(name_or_path: str) -> Path | None:
     if path.is_dir():
         return path
     try:  # a hub id already in the local cache (we run offline)
-        from huggingface_hub import snapshot_download
-
         return Path(snapshot_download(name_or_path, local_files_only=True))
     except Exception:
         return None
@@ -136,8 +137,6 @@ def _file_hashes(directory: Path, memo_path: Path | None) -> dict[str, str]:
 
 def tensor_fingerprint(model: nn.Module) -> str:
     """Hash of a model's parameters and buffers (when its weights do not come from local files)."""
-    import hashlib
-
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
         digest.update(name.encode())
@@ -285,7 +284,6 @@ class PrecomputedReference:
             return
         if self.source is None:
             raise ReferenceCacheError(f"{len(ids)} pairs lack cached reference log-probs and there is no source model")
-        from tqdm.auto import tqdm
 
         model = getattr(self.source, "model", None) or getattr(self.source, "policy", None)
         was_training = bool(model.training) if model is not None else False

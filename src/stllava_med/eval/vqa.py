@@ -21,7 +21,7 @@ from stllava_med.chat import ChatFormat, prompt_text, vqa_turns
 from stllava_med.data.vqa import ImageError, VQARecord, load_image
 from stllava_med.eval.metrics import MedVQAMetrics
 from stllava_med.generation import generate_batch
-from stllava_med.utils.io import JsonlWriter, atomic_write_json, atomic_write_text, read_jsonl
+from stllava_med.utils.io import JsonlWriter, atomic_write_json, atomic_write_text, read_jsonl, write_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +36,6 @@ def _done_ids(path: Path) -> dict[str, dict[str, Any]]:
 
 def _rewrite_clean(path: Path, rows: dict[str, dict[str, Any]]) -> None:
     """Drop a torn last line left by a killed run before appending again."""
-    from stllava_med.utils.io import write_jsonl
-
     write_jsonl(path, rows.values())
 
 

@@ -32,6 +32,16 @@ import os
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+from transformers import AutoConfig, AutoImageProcessor, AutoProcessor, AutoTokenizer, PreTrainedTokenizerBase
+from transformers.dynamic_module_utils import get_class_from_dynamic_module
+from transformers.models.auto.processing_auto import PROCESSOR_MAPPING, processor_class_from_name
+from transformers.processing_utils import (
+    MODALITY_TO_AUTOPROCESSOR_MAPPING,
+    ProcessorMixin,
+    _get_modality_for_attribute,
+)
+from transformers.utils import cached_file, is_torchvision_available
+
 log = logging.getLogger(__name__)
 
 # Components that may be missing without torchvision, and the legacy files their config may be in
@@ -54,8 +64,6 @@ def load_processor_components(name_or_path: str, *, trust_remote_code: bool = Fa
     """The checkpoint's processor: ``AutoProcessor.from_pretrained``, or, when that fails only because
     torchvision is unavailable, the same processor class rebuilt from the saved components with the PIL image
     processor and no video processor (logged once; video inputs then raise ``TorchvisionUnavailableError``)."""
-    from transformers import AutoProcessor
-
     try:
         return AutoProcessor.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     except Exception as err:
@@ -77,8 +85,6 @@ def needs_torchvision(err: BaseException) -> bool:
     """Whether ``err`` comes from torchvision being absent or broken: an import/value/runtime error anywhere in
     its cause chain that names torchvision, or, when transformers sees no torchvision, the errors its
     torchvision-gated placeholders raise (e.g. ``VIDEO_PROCESSOR_MAPPING`` has no ``_extra_content``)."""
-    from transformers.utils import is_torchvision_available
-
     for e in _chain(err):
         if isinstance(e, (ImportError, ValueError, RuntimeError)) and "torchvision" in str(e).lower():
             return True
@@ -90,13 +96,6 @@ def needs_torchvision(err: BaseException) -> bool:
 def rebuild_without_torchvision(name_or_path: str, *, trust_remote_code: bool = False) -> Any:
     """The processor of ``name_or_path`` built component by component, as ``ProcessorMixin.from_pretrained``
     does, with the PIL image processor and ``None`` for components that need torchvision."""
-    from transformers import AutoImageProcessor, AutoTokenizer
-    from transformers.processing_utils import (
-        MODALITY_TO_AUTOPROCESSOR_MAPPING,
-        ProcessorMixin,
-        _get_modality_for_attribute,
-    )
-
     path = str(name_or_path)
     processor_dict, _ = ProcessorMixin.get_processor_dict(path)
     processor_class = _processor_class(path, processor_dict, trust_remote_code=trust_remote_code)
@@ -208,10 +207,6 @@ class _SavedConfig(dict):
 def _processor_class(path: str, processor_dict: Mapping[str, Any], *, trust_remote_code: bool) -> type:
     """The processor class ``AutoProcessor`` would pick: the ``processor_class`` saved in processor_config.json,
     else in the (legacy) preprocessor config or the tokenizer config, else the model config's mapping."""
-    from transformers import AutoConfig
-    from transformers.dynamic_module_utils import get_class_from_dynamic_module
-    from transformers.models.auto.processing_auto import PROCESSOR_MAPPING, processor_class_from_name
-
     name = processor_dict.get("processor_class")
     auto_map = (processor_dict.get("auto_map") or {}).get("AutoProcessor")
     for filename in ("preprocessor_config.json", "tokenizer_config.json"):
@@ -243,8 +238,6 @@ def _saved_component_config(path: str, attribute: str, processor_dict: Mapping[s
 
 
 def _read_json(path: str, filename: str) -> dict[str, Any] | None:
-    from transformers.utils import cached_file
-
     resolved = cached_file(path, filename, _raise_exceptions_for_missing_entries=False,
                            _raise_exceptions_for_connection_errors=False, _raise_exceptions_for_gated_repo=False)
     if resolved is None:
@@ -254,8 +247,6 @@ def _read_json(path: str, filename: str) -> dict[str, Any] | None:
 
 
 def _first_tokenizer(args: list[Any]) -> Any:
-    from transformers import PreTrainedTokenizerBase
-
     return next((a for a in args if isinstance(a, PreTrainedTokenizerBase)), None)
 
 

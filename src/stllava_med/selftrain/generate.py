@@ -30,12 +30,16 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from tqdm.auto import tqdm
 
+from stllava_med.chat import Turn, prompt_text, vqa_turns
+from stllava_med.data.vqa import ImageError, load_image
+from stllava_med.families import processor_family
 from stllava_med.generation import generate_batch, sample_sequences, supports_shared_prefix
 from stllava_med.selftrain.records import Candidate, candidate_id
 from stllava_med.utils.io import JsonlWriter, read_jsonl, sha256_file, stable_hash, write_jsonl
@@ -125,8 +129,6 @@ class GenerationSettings:
         return cls(**values)
 
     def to_json(self) -> dict[str, Any]:
-        from dataclasses import asdict
-
         return asdict(self)
 
 
@@ -283,8 +285,6 @@ class CandidateGenerator:
         supported = supports_shared_prefix(backbone.model)
         self.shared_prefix = supported and choice in ("auto", "true")
         if choice != "false" and not supported:
-            from stllava_med.families import processor_family
-
             # logged once per run: a family without the exact cached continuation samples the plain way
             log.info("shared-prefix sampling is not available for the %s family; K answers are sampled with "
                      "generate(num_return_sequences=K) (the image and prompt are encoded K times)",
@@ -293,13 +293,9 @@ class CandidateGenerator:
     # -- prompts ----------------------------------------------------------------------------------------------
 
     def describe_prompt(self) -> str:
-        from stllava_med.chat import Turn, prompt_text
-
         return prompt_text(self.backbone.processor, [Turn("user", self.fmt.describe_instruction)], "assistant", self.fmt)
 
     def question_prompt(self, description: str | None) -> str:
-        from stllava_med.chat import Turn, prompt_text
-
         turns: list[Turn] = []
         if description is not None:
             turns = [Turn("user", self.fmt.describe_instruction), Turn("assistant", description)]
@@ -309,8 +305,6 @@ class CandidateGenerator:
                            "assistant", self.fmt)
 
     def answer_prompt(self, question: str) -> str:
-        from stllava_med.chat import prompt_text, vqa_turns
-
         return prompt_text(self.backbone.processor, vqa_turns(question), "assistant", self.fmt)
 
     # -- sampling with deduplication -------------------------------------------------------------------------
@@ -410,8 +404,6 @@ class CandidateGenerator:
 def generate_candidates(backbone: Any, fmt: Any, tasks: Sequence[ImageTask], settings: GenerationSettings,
                         out_dir: str | Path) -> dict[str, Any]:
     """Generate candidates for ``tasks`` (resuming what ``out_dir`` already holds); returns the run summary."""
-    from stllava_med.data.vqa import ImageError, load_image
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if settings.max_images is not None:
@@ -432,8 +424,6 @@ def generate_candidates(backbone: Any, fmt: Any, tasks: Sequence[ImageTask], set
     bar = tqdm(total=len(tasks), initial=len(tasks) - todo_total, desc="generate", unit="img",
                disable=not settings.progress, dynamic_ncols=True)
     try:
-        import torch
-
         for batch_index, start in enumerate(range(0, len(tasks), settings.image_batch_size)):
             batch = [t for t in tasks[start:start + settings.image_batch_size] if t.image_id not in done]
             if not batch:

@@ -9,6 +9,7 @@ once and a resumed run never asks it again.
 
 from __future__ import annotations
 
+import glob
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -178,8 +179,6 @@ def candidate_files(path: str | os.PathLike) -> list[Path]:
     if p.is_dir():
         files = sorted(f for f in p.rglob("*.jsonl") if f.name != "progress.jsonl")
     else:
-        import glob
-
         files = sorted(Path(f) for f in glob.glob(text, recursive=True) if Path(f).is_file())
     if not files:
         raise FileNotFoundError(f"candidates: no JSONL file at {text} (give a file, a directory of shards or a glob)")

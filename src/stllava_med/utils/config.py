@@ -13,6 +13,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from stllava_med.utils.io import atomic_write_text, stable_hash
@@ -132,8 +133,6 @@ def save_config(cfg: DictConfig, out_dir: Path, name: str = "config.yaml") -> Pa
 def hydra_output_dir() -> Path | None:
     """The Hydra job's own output directory (per multirun job), or None outside Hydra."""
     try:
-        from hydra.core.hydra_config import HydraConfig
-
         return Path(HydraConfig.get().runtime.output_dir)
     except Exception:  # not running under @hydra.main
         return None
@@ -142,6 +141,6 @@ def hydra_output_dir() -> Path | None:
 def setup_torch_threads(num_threads: int | None) -> None:
     """Cap intra-op threads (CPU runs): oversubscription makes tiny-model runs several times slower."""
     if num_threads:
-        import torch
+        import torch  # this module is imported at start-up, and by the judge, which runs without torch
 
         torch.set_num_threads(int(num_threads))

@@ -1,4 +1,7 @@
-"""What every Hydra entry point does first: logging, threads, seed, device, run directory."""
+"""What every Hydra entry point does first: threads, seed, run directory; and the record it leaves at the end.
+
+Torch-free, so that entry points import it at start-up (torch and Lightning load inside :func:`start_run`).
+"""
 
 from __future__ import annotations
 
@@ -7,19 +10,12 @@ import os
 from pathlib import Path
 from typing import Any
 
-import torch
 from omegaconf import DictConfig
 
 from stllava_med.utils.config import hydra_output_dir, resolve_out_dir, save_config, setup_torch_threads
 from stllava_med.utils.io import atomic_write_json
 
 log = logging.getLogger("stllava_med")
-
-
-def pick_device(name: str | None) -> torch.device:
-    if name in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(str(name))
 
 
 def start_run(cfg: DictConfig, stage: str) -> Path:

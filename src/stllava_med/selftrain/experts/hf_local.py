@@ -14,6 +14,11 @@ import asyncio
 import threading
 from typing import Any
 
+import torch
+
+from stllava_med.chat import Turn, prompt_text
+from stllava_med.data.vqa import ImageError, load_image
+from stllava_med.generation import generate_batch
 from stllava_med.selftrain.experts.base import (
     SYSTEM_PROMPT,
     Expert,
@@ -42,10 +47,6 @@ class HFLocalExpert(Expert):
         self._lock = threading.Lock()
 
     def _generate(self, prompt: str, image: Any, attempt: int) -> tuple[str, int, int]:
-        import torch
-
-        from stllava_med.generation import generate_batch
-
         with self._lock:
             if attempt:
                 torch.manual_seed(self.seed + attempt)
@@ -55,9 +56,6 @@ class HFLocalExpert(Expert):
         return text, len(tokenizer(prompt)["input_ids"]), len(tokenizer(text)["input_ids"])
 
     async def judge(self, candidate: Candidate, *, key: str, attempt: int) -> ExpertResult:
-        from stllava_med.chat import Turn, prompt_text
-        from stllava_med.data.vqa import ImageError, load_image
-
         n = len(candidate.answers)
         order = presentation_order(n, key=key, attempt=attempt, seed=self.seed)
         presented = [candidate.answers[i] for i in order]

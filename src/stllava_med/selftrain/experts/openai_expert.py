@@ -20,6 +20,10 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
+import openai
+from openai import AsyncOpenAI
+
+from stllava_med.data.vqa import ImageError, load_image
 from stllava_med.selftrain.experts.base import (
     SYSTEM_PROMPT,
     Expert,
@@ -78,7 +82,6 @@ def image_data_url(path: str | Path, *, max_side: int | None = None) -> str:
         mime = "image/webp"
     if mime is not None and not max_side:
         return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
-    from stllava_med.data.vqa import ImageError, load_image
 
     try:
         image = load_image(path)
@@ -102,8 +105,6 @@ class OpenAIExpert(Expert):
                  image_detail: str | None = "auto", max_image_side: int | None = None,
                  image_tokens_estimate: int = 765, seed: int = 0, max_concurrency: int | None = None,
                  identity: str | None = None) -> None:
-        from openai import AsyncOpenAI
-
         if response_format not in RESPONSE_FORMATS:
             raise ValueError(f"expert.response_format must be one of {RESPONSE_FORMATS}, not {response_format!r}")
         self.model = model
@@ -166,8 +167,6 @@ class OpenAIExpert(Expert):
         return text // 4 + self.image_tokens_estimate, self.max_tokens
 
     async def judge(self, candidate: Candidate, *, key: str, attempt: int) -> ExpertResult:
-        import openai
-
         n = len(candidate.answers)
         order = presentation_order(n, key=key, attempt=attempt, seed=self.seed)
         kwargs: dict[str, Any] = {"model": self.model, "messages": self.messages(candidate, order),
