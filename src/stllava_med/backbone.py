@@ -26,6 +26,7 @@ from transformers import AutoConfig, AutoModelForImageTextToText, BitsAndBytesCo
 from stllava_med.families import bind, family_of
 from stllava_med.families.processor_loading import load_processor_components
 from stllava_med.tiny import ensure_tiny_backbone, tiny_spec_from_config
+from stllava_med.utils.config import check_keys
 
 log = logging.getLogger(__name__)
 
@@ -178,11 +179,9 @@ class LoraSettings:
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any] | None) -> LoraSettings:
-        if not cfg:
-            return cls()
-        known = {f for f in cls.__dataclass_fields__}
-        values = {k: v for k, v in dict(cfg).items() if k in known}
-        if "projector_modules" in values and values["projector_modules"] is not None:
+        values = dict(cfg or {})
+        check_keys(values, cls.__dataclass_fields__, "backbone.lora")
+        if values.get("projector_modules") is not None:
             values["projector_modules"] = list(values["projector_modules"])
         return cls(**values)
 
@@ -287,6 +286,11 @@ def has_bnb_layers(model: nn.Module) -> bool:
 # --------------------------------------------------------------------------------------------------------------
 
 
+# Every key a ``backbone`` config may have (conf/backbone/*.yaml); anything else is refused at load time.
+BACKBONE_KEYS = ("name", "name_or_path", "dtype", "attn_implementation", "quantization", "bnb_compute_dtype",
+                 "device_map", "trust_remote_code", "adapter_path", "chat", "lora", "tiny")
+
+
 def load_backbone(cfg: Mapping[str, Any], *, with_lora: bool | None = None, padding_side: str | None = None,
                   gradient_checkpointing: bool = False) -> Backbone:
     """Build a :class:`Backbone` from a ``backbone`` config group.
@@ -294,6 +298,7 @@ def load_backbone(cfg: Mapping[str, Any], *, with_lora: bool | None = None, padd
     ``with_lora`` overrides ``cfg.lora.enabled``; ``adapter_path`` (optional) loads a trained LoRA adapter on
     top of the base weights for evaluation or generation."""
     cfg = dict(cfg)
+    check_keys(cfg, BACKBONE_KEYS, "backbone")
     name_or_path = str(cfg["name_or_path"])
     tiny = cfg.get("tiny")
     # The tiny backbone is built only at its own cache path: a mistyped name_or_path must fail to load,

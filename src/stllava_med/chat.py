@@ -28,6 +28,7 @@ from typing import Any, Literal
 import torch
 
 from stllava_med.families import processor_family
+from stllava_med.utils.config import settings_from
 
 IGNORE_INDEX = -100
 Role = Literal["system", "user", "assistant", "questioner"]
@@ -48,10 +49,7 @@ class ChatFormat:
 
     @classmethod
     def from_config(cls, cfg: Any) -> ChatFormat:
-        if not cfg:
-            return cls()
-        known = set(cls.__dataclass_fields__)
-        return cls(**{k: v for k, v in dict(cfg).items() if k in known})
+        return settings_from(cls, dict(cfg or {}), "backbone.chat")
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,13 @@ from stllava_med.judge import run_judge
 from stllava_med.train_dpo import run_train_dpo
 from stllava_med.train_sft import run_train_sft
 from stllava_med.utils import config as _config  # noqa: F401  (registers resolvers)
-from stllava_med.utils.config import config_fingerprint, project_root, save_config
+from stllava_med.utils.config import (
+    UnknownConfigKey,
+    check_keys,
+    config_fingerprint,
+    project_root,
+    save_config,
+)
 from stllava_med.utils.io import atomic_write_json, atomic_write_text, file_lock
 from stllava_med.utils.runtime import finish_run
 
@@ -66,11 +72,25 @@ def _drop_nulls(value: Any) -> Any:
     return value
 
 
-def _overlay(base: DictConfig, key: str, section: Any) -> None:
+def _check_overlay(values: dict[str, Any], base: Any, where: str) -> None:
+    """Every key the pipeline passes to a stage must exist in that stage's own config (conf/<stage>.yaml):
+    ``+dpo.prefix_sharng=false`` is refused here, naming the nearest valid key, before any stage runs."""
+    known = dict(base) if isinstance(base, dict | DictConfig) else {}
+    check_keys(values, [str(k) for k in known], where)
+    for key, value in values.items():
+        if isinstance(value, dict) and isinstance(known.get(key), dict | DictConfig):
+            _check_overlay(value, known[key], f"{where}.{key}")
+
+
+def _overlay(base: DictConfig, key: str, section: Any, stage: str = "") -> None:
     """Merge the pipeline's ``section`` over ``base[key]``; null values keep the stage's own default."""
     values = _drop_nulls(_plain(section)) if section is not None else None
     if not values:
         return
+    try:
+        _check_overlay(values, base.get(key) or {}, key)
+    except UnknownConfigKey as err:
+        raise UnknownConfigKey(f"{err} (the pipeline passes {key}.* to the {stage} stage: conf/{stage}.yaml)") from None
     OmegaConf.set_struct(base, False)
     base[key] = OmegaConf.merge(base.get(key) or {}, OmegaConf.create(values))
 
@@ -89,7 +109,7 @@ def stage_config(cfg: DictConfig, stage: str, *, backbone: dict[str, Any] | None
     sections = {"sft": ["sft"], "generate": ["generate"], "judge": ["pairs"], "dpo": ["dpo", "optim", "data"],
                 "evaluate": ["eval"]}[stage]
     for key in sections:
-        _overlay(stage_cfg, key, cfg.get(key))
+        _overlay(stage_cfg, key, cfg.get(key), stage)
     if stage == "judge":
         stage_cfg.expert = OmegaConf.create(_plain(cfg.expert))
     for key, value in fields.items():
@@ -151,9 +171,13 @@ def pipeline_root(cfg: DictConfig) -> Path:
 
 
 def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
+    enabled = {s: bool((cfg.pipeline.get("stages") or {}).get(s, True)) for s in STAGES}
+    # compose every enabled stage's config first: a mistyped key fails now, not after hours of SFT
+    for stage in STAGES:
+        if enabled[stage]:
+            stage_config(cfg, stage)
     root = pipeline_root(cfg)
     root.mkdir(parents=True, exist_ok=True)
-    enabled = {s: bool((cfg.pipeline.get("stages") or {}).get(s, True)) for s in STAGES}
     base_backbone = _plain(cfg.backbone)
     stages: dict[str, Any] = {}
 

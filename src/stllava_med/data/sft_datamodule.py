@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,7 @@ from stllava_med.data.instruct import InstructRecord
 from stllava_med.data.vqa import load_image
 from stllava_med.families import BY_NAME, processor_family
 from stllava_med.sft.questioning import questioner_draws
+from stllava_med.utils.config import settings_from
 
 log = logging.getLogger(__name__)
 
@@ -254,6 +255,10 @@ class ResumableDataLoader(DataLoader):
 # --------------------------------------------------------------------------------------------------------------
 
 
+# ``data.*`` keys of conf/sft.yaml read by the entry point (selection and conversation building)
+SFT_SELECTION_KEYS = ("fraction", "fraction_seed", "val_fraction", "vqa_grouping", "max_qa_per_conversation")
+
+
 @dataclass
 class SFTDataSettings:
     batch_size: int = 8
@@ -269,8 +274,9 @@ class SFTDataSettings:
 
     @classmethod
     def from_mapping(cls, values: dict[str, Any]) -> SFTDataSettings:
-        known = set(cls.__dataclass_fields__)
-        return cls(**{k: v for k, v in values.items() if k in known})
+        # dataset entries (data=<name> puts a dataset at data.<name>) are mappings; the rest are stage keys
+        flat = {k: v for k, v in values.items() if not isinstance(v, Mapping)}
+        return settings_from(cls, flat, "data", extra=SFT_SELECTION_KEYS)
 
 
 class SFTDataModule(LightningDataModule):

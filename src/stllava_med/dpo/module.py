@@ -31,6 +31,7 @@ from torchmetrics import MeanMetric
 from stllava_med.dpo.logps import LogProbs
 from stllava_med.dpo.losses import LOSS_TYPES, chosen_nll_loss, dpo_loss
 from stllava_med.training import TrainableOnlyCheckpoints, configure_adamw
+from stllava_med.utils.config import settings_from
 
 METRIC_NAMES = (
     "loss", "rewards/chosen", "rewards/rejected", "rewards/accuracy", "rewards/margin",
@@ -48,8 +49,8 @@ class DPOSettings:
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any] | None) -> DPOSettings:
-        known = set(cls.__dataclass_fields__)
-        settings = cls(**{k: v for k, v in dict(cfg or {}).items() if k in known})
+        # the reference keys are read by the entry point (reference.py builds the reference from them)
+        settings = settings_from(cls, cfg, "dpo", extra=DPO_REFERENCE_KEYS)
         if settings.loss_type not in LOSS_TYPES:
             raise ValueError(f"dpo.loss_type must be one of {LOSS_TYPES}, not {settings.loss_type!r}")
         if settings.beta <= 0:
@@ -57,6 +58,10 @@ class DPOSettings:
         if settings.nll_weight < 0:
             raise ValueError(f"dpo.nll_weight must be >= 0, got {settings.nll_weight}")
         return settings
+
+
+DPO_REFERENCE_KEYS = ("reference", "reference_path", "precompute_source", "precompute_batch_size",
+                      "reference_cache_dir", "gradient_checkpointing")
 
 
 def _metric_key(stage: str, name: str) -> str:

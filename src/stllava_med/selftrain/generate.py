@@ -42,6 +42,7 @@ from stllava_med.data.vqa import ImageError, load_image
 from stllava_med.families import processor_family
 from stllava_med.generation import generate_batch, sample_sequences, supports_shared_prefix
 from stllava_med.selftrain.records import Candidate, candidate_id
+from stllava_med.utils.config import check_keys
 from stllava_med.utils.io import JsonlWriter, read_jsonl, sha256_file, stable_hash, write_jsonl
 
 log = logging.getLogger(__name__)
@@ -61,8 +62,9 @@ class Sampling:
     max_new_tokens: int = 300
 
     @classmethod
-    def from_config(cls, cfg: Mapping[str, Any] | None, **defaults: Any) -> Sampling:
-        values = {**defaults, **{k: v for k, v in dict(cfg or {}).items() if k in cls.__dataclass_fields__}}
+    def from_config(cls, cfg: Mapping[str, Any] | None, where: str = "generate.sampling", **defaults: Any) -> Sampling:
+        check_keys(cfg, cls.__dataclass_fields__, where)
+        values = {**defaults, **dict(cfg or {})}
         return cls(**values)
 
     def kwargs(self) -> dict[str, Any]:
@@ -120,9 +122,12 @@ class GenerationSettings:
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any] | None, **overrides: Any) -> GenerationSettings:
         cfg = dict(cfg or {})
+        check_keys(cfg, set(cls.__dataclass_fields__) | {"images"}, "generate")  # images: read by the entry point
         values = {k: v for k, v in cfg.items() if k in cls.__dataclass_fields__ and k not in ("question", "answer")}
-        values["question"] = Sampling.from_config(cfg.get("question"), temperature=1.2, top_k=300, top_p=0.95)
-        values["answer"] = Sampling.from_config(cfg.get("answer"), temperature=1.2, top_k=100, top_p=0.95)
+        values["question"] = Sampling.from_config(cfg.get("question"), "generate.question", temperature=1.2,
+                                                  top_k=300, top_p=0.95)
+        values["answer"] = Sampling.from_config(cfg.get("answer"), "generate.answer", temperature=1.2, top_k=100,
+                                                top_p=0.95)
         values.update(overrides)
         if values.get("questions_per_image") is not None and int(values["questions_per_image"]) < 0:
             values["questions_per_image"] = 0  # -1: every question of the image (dataset mode)

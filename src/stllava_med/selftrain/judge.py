@@ -42,6 +42,7 @@ from stllava_med.selftrain.experts.base import (
 )
 from stllava_med.selftrain.records import Candidate, Judgement, judgement_key
 from stllava_med.selftrain.store import JudgementStore
+from stllava_med.utils.config import check_keys
 from stllava_med.utils.io import sha256_file
 
 log = logging.getLogger(__name__)
@@ -85,12 +86,20 @@ class JudgeSettings:
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any] | None, **overrides: Any) -> JudgeSettings:
         known = set(cls.__dataclass_fields__)
-        values = {k: v for k, v in dict(cfg or {}).items() if k in known}
+        values = dict(cfg or {})
+        check_keys(values, known | set(EXPERT_KEYS), "expert")
+        values = {k: v for k, v in values.items() if k in known}
         values.update({k: v for k, v in overrides.items() if k in known})
         return cls(**values)
 
     def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
         return (prompt_tokens * self.price_input_per_mtok + completion_tokens * self.price_output_per_mtok) / 1e6
+
+
+# Keys of an ``expert`` config that build the expert itself (judge.build_expert) rather than the runner.
+EXPERT_KEYS = ("name", "kind", "model", "base_url", "api_key_env", "temperature", "max_tokens", "timeout_s",
+               "response_format", "image_detail", "max_image_side", "image_tokens_estimate", "closed_match",
+               "backbone", "device", "retry_temperature")
 
 
 class RateLimiter:

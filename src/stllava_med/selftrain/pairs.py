@@ -22,6 +22,7 @@ from typing import Any
 
 from stllava_med.data.preference import PreferencePair
 from stllava_med.selftrain.records import Candidate, Judgement
+from stllava_med.utils.config import settings_from
 from stllava_med.utils.io import write_jsonl
 
 SHARD_PREFIX = "pairs"
@@ -44,8 +45,7 @@ class PairSettings:
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any] | None) -> PairSettings:
-        known = set(cls.__dataclass_fields__)
-        return cls(**{k: v for k, v in dict(cfg or {}).items() if k in known})
+        return settings_from(cls, cfg, "pairs")
 
 
 @dataclass

@@ -23,6 +23,7 @@ from torchmetrics import MeanMetric, SumMetric
 
 from stllava_med.sft.losses import TokenStats, sft_token_stats
 from stllava_med.training import TrainableOnlyCheckpoints, configure_adamw
+from stllava_med.utils.config import check_keys
 
 # Batch entries that are not model inputs.
 _NON_MODEL_KEYS = ("labels", "target_role", "uids", "questioner_turns", "dropped_pairs")
@@ -44,6 +45,9 @@ class SFTOptimSettings:
     @classmethod
     def from_mapping(cls, values: dict[str, Any]) -> SFTOptimSettings:
         known = set(cls.__dataclass_fields__)
+        # the other sft.* keys are read by the entry point (what to train, checkpoints, export)
+        check_keys(values, known | {"finetune", "sq_ratio", "gradient_checkpointing", "checkpoint_every_n_steps",
+                                    "export"}, "sft")
         out = {k: v for k, v in values.items() if k in known}
         if "betas" in out:
             out["betas"] = tuple(float(b) for b in out["betas"])

@@ -7,9 +7,12 @@ same command lands in the same directory and resumes; keys that only change *how
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import logging
 import os
 import re
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +76,36 @@ def register_resolvers() -> None:
 
 
 register_resolvers()
+
+
+class UnknownConfigKey(ValueError):
+    """A config key that nothing reads: a typo, or a key of another stage. Raised at start-up."""
+
+
+def check_keys(section: Mapping[str, Any] | None, allowed: Iterable[str], where: str) -> None:
+    """Refuse keys of ``section`` that are not ``allowed``, naming each with the nearest valid key.
+
+    Hydra already refuses ``section.typo=1`` (struct mode), but ``+section.typo=1`` adds the key, and a
+    settings reader that kept only the fields it knows would then ignore it silently."""
+    allowed = sorted(set(allowed))
+    unknown = [str(k) for k in (section or {}) if str(k) not in allowed]
+    if not unknown:
+        return
+    problems = []
+    for key in unknown:
+        near = difflib.get_close_matches(key, allowed, n=1, cutoff=0.6)
+        problems.append(f"{where}.{key}" + (f" (did you mean {where}.{near[0]}?)" if near else ""))
+    raise UnknownConfigKey(f"unknown config key(s): {', '.join(problems)}; valid keys of {where}: {', '.join(allowed)}")
+
+
+def settings_from(cls: type, section: Mapping[str, Any] | None, where: str, *, extra: Iterable[str] = (),
+                  **overrides: Any) -> Any:
+    """Build the settings dataclass ``cls`` from a config section: every key must be a field of ``cls`` or one
+    of ``extra`` (keys of the same section that the caller reads itself); ``overrides`` win."""
+    fields = {f.name for f in dataclasses.fields(cls)}
+    values = dict(section or {})
+    check_keys(values, fields | set(extra), where)
+    return cls(**{k: v for k, v in values.items() if k in fields}, **overrides)
 
 
 def _drop_key(container: dict, dotted: str) -> None:

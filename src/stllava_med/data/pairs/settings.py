@@ -6,6 +6,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from stllava_med.utils.config import check_keys
+
 
 @dataclass
 class PreferenceDataSettings:
@@ -27,8 +29,8 @@ class PreferenceDataSettings:
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any] | None, **overrides: Any) -> PreferenceDataSettings:
-        known = set(cls.__dataclass_fields__)
-        values = {k: v for k, v in dict(cfg or {}).items() if k in known}
+        values = dict(cfg or {})
+        check_keys(values, cls.__dataclass_fields__, "data")
         for key in ("path", "val_path"):
             if isinstance(values.get(key), list | tuple):
                 values[key] = [str(p) for p in values[key]]
