@@ -36,6 +36,33 @@ def write_shard(path: Path, rows: list[dict[str, Any]]) -> Path:
     return path
 
 
+def pair_files(tmp_path: Path, n: int = 4, *, stride: int = 1) -> dict[str, Path]:
+    """The same ``n`` sample pairs as our JSONL, TRL JSONL, TRL Parquet (embedded image bytes) and the official
+    STLLaVA-Med JSON (absolute image paths)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from stllava_med.data.preference import PreferencePair, pair_to_trl
+
+    rows = sample_pairs(n, stride=stride)
+    pairs = [PreferencePair.from_json(r) for r in rows]
+    files = {"native": write_shard(tmp_path / "native.jsonl", rows),
+             "trl": write_shard(tmp_path / "trl.jsonl", [pair_to_trl(p) for p in pairs])}
+    trl_rows = [pair_to_trl(p) for p in pairs]
+    for row in trl_rows:
+        row["images"] = [{"bytes": Path(row["images"][0]).read_bytes(), "path": None}]
+    files["parquet"] = tmp_path / "trl.parquet"
+    pq.write_table(pa.Table.from_pylist(trl_rows), files["parquet"])
+    official = [{"id": p.id, "image": p.images[0],
+                 "chosen_conversations": [{"from": "human", "value": "<image>\n" + p.prompt},
+                                          {"from": "gpt", "value": p.chosen}],
+                 "reject_conversations": [{"from": "human", "value": "<image>\n" + p.prompt},
+                                          {"from": "gpt", "value": p.rejected}]} for p in pairs]
+    files["official"] = tmp_path / "official.json"
+    files["official"].write_text(json.dumps(official))
+    return files
+
+
 def tiny_backbone(*, lora: bool = True, quantization: str | None = None, r: int = 8, dropout: float = 0.0,
                   seed: int = 0):
     """The project's tiny LLaVA (built on first use), with a fresh LoRA adapter when ``lora``."""

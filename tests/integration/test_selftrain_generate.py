@@ -121,7 +121,8 @@ def test_dataset_questions_then_the_reference_expert_end_to_end(tmp_path, compos
     pairs = [json.loads(line) for shard in result["preference_shards"] for line in Path(shard).read_text().splitlines()]
     assert len(pairs) == result["pairs"]
     for pair in pairs:
-        assert pair["chosen_score"] == max(pair["meta"]["scores"]) > pair["rejected_score"] == min(pair["meta"]["scores"])
+        scores = json.loads(pair["meta"])["scores"]  # meta is a JSON string in the shard (one type per column)
+        assert pair["chosen_score"] == max(scores) > pair["rejected_score"] == min(scores)
     with JudgementStore(judge_dir / "judgements.sqlite", readonly=True) as store:
         judgements = {j.candidate_id: j for j in store.judgements()}
     for candidate in candidates:

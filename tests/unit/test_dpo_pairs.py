@@ -4,6 +4,7 @@ bad pairs, and the ground-truth pair builder behind the committed sample shard."
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -76,12 +77,12 @@ def test_malformed_and_incomplete_records_name_file_and_line(tmp_path):
 def test_pair_problems():
     base = PreferencePair(id="x", images=[str(IMAGE)], prompt="Is there a mass?", chosen="Yes", rejected="No")
     assert pair_problem(base, [IMAGE]) is None
-    assert pair_problem(PreferencePair(**{**base.to_json(), "chosen": "  "}), [IMAGE]) == "empty_chosen"
-    assert pair_problem(PreferencePair(**{**base.to_json(), "rejected": ""}), [IMAGE]) == "empty_rejected"
-    assert pair_problem(PreferencePair(**{**base.to_json(), "prompt": ""}), [IMAGE]) == "empty_prompt"
-    assert pair_problem(PreferencePair(**{**base.to_json(), "rejected": "Yes "}), [IMAGE]) == "chosen_equals_rejected"
+    assert pair_problem(replace(base, chosen="  "), [IMAGE]) == "empty_chosen"
+    assert pair_problem(replace(base, rejected=""), [IMAGE]) == "empty_rejected"
+    assert pair_problem(replace(base, prompt=""), [IMAGE]) == "empty_prompt"
+    assert pair_problem(replace(base, rejected="Yes "), [IMAGE]) == "chosen_equals_rejected"
     assert pair_problem(base, [IMAGE.with_name("nope.jpg")]) == "missing_image"
-    assert pair_problem(PreferencePair(**{**base.to_json(), "images": [str(IMAGE)] * 2}), [IMAGE] * 2) == "too_many_images"
+    assert pair_problem(replace(base, images=[str(IMAGE)] * 2), [IMAGE] * 2) == "too_many_images"
 
 
 # ---- foreign formats -----------------------------------------------------------------------------------------

@@ -2,17 +2,27 @@
 
 One JSON object per line in JSONL shards (a file, a directory of ``*.jsonl`` shards, or a glob)::
 
-    {"id": "...", "images": ["path/to/img.jpg"], "prompt": "question", "chosen": "...", "rejected": "...",
-     "chosen_score": 8.0, "rejected_score": 3.0, "judge": "gpt-4o", "source": "selftrain/round0"}
+    {"id": "...", "images": ["/data/img.jpg"], "prompt": "question", "chosen": "...", "rejected": "...",
+     "chosen_score": 8.0, "rejected_score": 3.0, "judge": "gpt-4o", "source": "selftrain/round0",
+     "meta": "{\"margin\": 5.0}"}
+
+Every line we write has every key, each always of one type (:data:`PAIR_SCHEMA`), so that shards from
+different writers load and concatenate with ``datasets.load_dataset("json", data_files=...)`` (which takes
+the column types of the first file, and cannot cast a column that is all ``null`` there, or a ``meta`` struct
+with other keys): a score that is not known is ``NaN`` (read back as ``None``), an unknown judge or source is
+``""``, and ``meta`` is a JSON object serialised to a string. The reader also takes the older lines (``null``
+scores, ``meta`` as an object, keys left out).
 
 A relative image path is resolved against ``image_root`` when one is given, else against the directory of
-the shard that names it (so a folder of shards plus images can be moved as a whole).
+the shard that names it (so a folder of shards plus images can be moved as a whole). Our converters write
+absolute paths unless asked for relative ones (the committed sample shard is relative, to stay movable).
 
 Foreign formats read here and converted to shards by ``python -m stllava_med.convert_pairs``:
 
 - TRL's vision preference format: ``images`` (or ``image``), ``prompt``, ``chosen``, ``rejected``, each text
   either a string or a conversational message list (``[{"role": "user", "content": [{"type": "image"},
   {"type": "text", "text": ...}]}]``); JSON, JSONL or Parquet (images as paths or ``{"bytes", "path"}``).
+  :func:`pair_to_trl` writes it (conversational, absolute image paths).
 - The official STLLaVA-Med DPO JSON: ``id``, ``image``, ``chosen_conversations``, ``reject_conversations``,
   each ``[{"from": "human", "value": "<image>\\n..."}, {"from": "gpt", "value": ...}]``.
 """
@@ -24,9 +34,10 @@ import hashlib
 import io
 import json
 import logging
+import math
 import os
 import re
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +51,47 @@ log = logging.getLogger(__name__)
 
 BAD_PAIR_POLICIES = ("error", "skip")
 _IMAGE_PLACEHOLDER = re.compile(r"^\s*(<image>\s*)+|(\s*<image>)+\s*$")
+
+
+# The type of every key of a shard line, as ``datasets`` / Arrow read it (``docs/data-formats.md``).
+PAIR_SCHEMA: dict[str, str] = {
+    "id": "string",
+    "images": "list<string>",
+    "prompt": "string",
+    "chosen": "string",
+    "rejected": "string",
+    "chosen_score": "double",  # NaN: no score (ground truth, imported pairs)
+    "rejected_score": "double",
+    "judge": "string",  # "": unknown
+    "source": "string",  # "": unknown
+    "meta": "string",  # a JSON object, "{}" when empty
+}
+
+
+def _score_out(value: float | None) -> float:
+    return math.nan if value is None else float(value)
+
+
+def _score_in(obj: Mapping[str, Any], key: str, where: str) -> float | None:
+    value = obj.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"{where}: field {key!r} must be a number, got {type(value).__name__}")
+    return None if math.isnan(value) else float(value)
+
+
+def _meta_in(value: Any, where: str) -> dict[str, Any]:
+    if value is None or value == "":
+        return {}
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{where}: field 'meta' is not a JSON object ({err.msg})") from err
+    if not isinstance(value, Mapping):
+        raise ValueError(f"{where}: field 'meta' must be a JSON object, got {type(value).__name__}")
+    return dict(value)
 
 
 @dataclass(frozen=True)
@@ -56,10 +108,13 @@ class PreferencePair:
     meta: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def to_json(self) -> dict[str, Any]:
-        out = asdict(self)
-        if not out["meta"]:
-            out.pop("meta")
-        return out
+        """The shard line: every key of :data:`PAIR_SCHEMA`, each of its one type."""
+        return {
+            "id": self.id, "images": list(self.images), "prompt": self.prompt, "chosen": self.chosen,
+            "rejected": self.rejected, "chosen_score": _score_out(self.chosen_score),
+            "rejected_score": _score_out(self.rejected_score), "judge": self.judge or "", "source": self.source or "",
+            "meta": json.dumps(self.meta, ensure_ascii=False, sort_keys=True, default=str),
+        }
 
     @classmethod
     def from_json(cls, obj: Mapping[str, Any], *, where: str = "pair") -> PreferencePair:
@@ -67,7 +122,11 @@ class PreferencePair:
             raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
         missing = [k for k in ("id", "images", "prompt", "chosen", "rejected") if k not in obj]
         if missing:
-            raise ValueError(f"{where}: missing field(s) {missing}")
+            hint = ""
+            if {"prompt", "chosen", "rejected"} <= obj.keys() or "chosen_conversations" in obj:
+                hint = (" (this looks like TRL's or the official STLLaVA-Med format: data.format=auto converts it,"
+                        " or python -m stllava_med.convert_pairs)")
+            raise ValueError(f"{where}: missing field(s) {missing}{hint}")
         images = obj["images"]
         if isinstance(images, str):
             images = [images]
@@ -82,11 +141,11 @@ class PreferencePair:
             prompt=obj["prompt"],
             chosen=obj["chosen"],
             rejected=obj["rejected"],
-            chosen_score=None if obj.get("chosen_score") is None else float(obj["chosen_score"]),
-            rejected_score=None if obj.get("rejected_score") is None else float(obj["rejected_score"]),
-            judge=obj.get("judge"),
-            source=obj.get("source"),
-            meta=dict(obj.get("meta") or {}),
+            chosen_score=_score_in(obj, "chosen_score", where),
+            rejected_score=_score_in(obj, "rejected_score", where),
+            judge=obj.get("judge") or None,
+            source=obj.get("source") or None,
+            meta=_meta_in(obj.get("meta"), where),
         )
 
 
@@ -99,9 +158,13 @@ class BadPairError(ValueError):
 # --------------------------------------------------------------------------------------------------------------
 
 
-def resolve_shards(spec: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
-    """The JSONL shards named by ``spec``: a file, a directory (its ``*.jsonl``, sorted), a glob, or a list
-    (or comma-separated string) of those. Order is deterministic; a spec that matches nothing is an error."""
+def resolve_shards(spec: str | os.PathLike | Sequence[str | os.PathLike], *,
+                   suffixes: Sequence[str] = (".jsonl",)) -> list[Path]:
+    """The files named by ``spec``: a file, a directory, a glob, or a list (or comma-separated string) of those.
+    A directory gives its files of the first of ``suffixes`` it holds any of, sorted (by default its
+    ``*.jsonl`` shards; the DPO data also takes a folder of ``*.parquet`` or ``*.json`` files, which a folder of
+    our shards and its ``conversion_report.json`` never are). Order is deterministic; a spec that matches
+    nothing is an error."""
     if isinstance(spec, str | os.PathLike):
         parts = [p for p in str(spec).split(",") if p.strip()] if "," in str(spec) else [str(spec)]
     else:
@@ -113,9 +176,14 @@ def resolve_shards(spec: str | os.PathLike | Sequence[str | os.PathLike]) -> lis
         part = os.path.expanduser(part.strip())
         path = Path(part)
         if path.is_dir():
-            found = sorted(path.glob("*.jsonl"))
+            found = []
+            for suffix in suffixes:
+                found = sorted(p for p in path.glob(f"*{suffix}") if p.is_file())
+                if found:
+                    break
             if not found:
-                raise FileNotFoundError(f"data.path: directory {path} holds no *.jsonl shard")
+                kinds = " or ".join(f"*{x}" for x in suffixes)
+                raise FileNotFoundError(f"data.path: directory {path} holds no {kinds} {'shard' if len(suffixes) == 1 else 'file'}")
         elif path.is_file():
             found = [path]
         elif globlib.has_magic(part):
@@ -204,8 +272,10 @@ def handle_bad(report: SkipReport, policy: str, reason: str, where: str, detail:
 
 
 def write_shards(pairs: Iterable[PreferencePair], out_dir: str | os.PathLike, *, shard_size: int = 10000,
-                 prefix: str = "pairs") -> list[Path]:
-    """Write pairs as ``<out_dir>/<prefix>-00000.jsonl`` ... (each shard written atomically); returns the paths."""
+                 prefix: str = "pairs", to_row: Callable[[PreferencePair], dict[str, Any]] | None = None) -> list[Path]:
+    """Write pairs as ``<out_dir>/<prefix>-00000.jsonl`` ... (each shard written atomically); returns the paths.
+
+    ``to_row`` makes a line of a pair (default :meth:`PreferencePair.to_json`; :func:`pair_to_trl` for TRL)."""
     if shard_size < 1:
         raise ValueError("shard_size must be >= 1")
     out_dir = Path(out_dir)
@@ -219,7 +289,7 @@ def write_shards(pairs: Iterable[PreferencePair], out_dir: str | os.PathLike, *,
         buffer.clear()
 
     for pair in pairs:
-        buffer.append(json.dumps(pair.to_json(), ensure_ascii=False) + "\n")
+        buffer.append(json.dumps(pair.to_json() if to_row is None else to_row(pair), ensure_ascii=False) + "\n")
         if len(buffer) >= shard_size:
             flush()
     if buffer:
@@ -257,7 +327,9 @@ def read_records(path: str | os.PathLike) -> Iterator[tuple[dict[str, Any], str]
 
 
 def _strip_image_placeholder(text: str) -> str:
-    return _IMAGE_PLACEHOLDER.sub("", text).strip()
+    """The text without a leading or trailing ``<image>`` placeholder and the whitespace between it and the
+    text; the rest is kept as it is (a conversational prompt carries its image as a separate part)."""
+    return _IMAGE_PLACEHOLDER.sub("", text)
 
 
 def _message_text(message: Mapping[str, Any], where: str) -> str:
@@ -334,6 +406,23 @@ def pair_from_trl(row: Mapping[str, Any], where: str, *, index: int = 0, images_
                           source=source or str(row.get("source") or "trl"))
 
 
+def pair_to_trl(pair: PreferencePair) -> dict[str, Any]:
+    """A pair as one record of TRL's conversational vision preference format (the dataset ``DPOTrainer`` takes):
+    the user turn holds one ``{"type": "image"}`` part per image, then the question; ``chosen`` / ``rejected``
+    are one assistant turn each; ``images`` are the pair's paths as given (make them absolute first: TRL
+    resolves nothing against the file). ``id`` rides along (TRL drops or ignores columns it does not use)."""
+    def turn(role: str, parts: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [{"role": role, "content": parts}]
+
+    return {
+        "id": pair.id,
+        "images": list(pair.images),
+        "prompt": turn("user", [*({"type": "image"} for _ in pair.images), {"type": "text", "text": pair.prompt}]),
+        "chosen": turn("assistant", [{"type": "text", "text": pair.chosen}]),
+        "rejected": turn("assistant", [{"type": "text", "text": pair.rejected}]),
+    }
+
+
 def _official_turns(value: Any, where: str) -> tuple[str, str]:
     if not isinstance(value, list) or not all(isinstance(t, Mapping) for t in value):
         raise ValueError(f"{where}: expected a list of {{'from', 'value'}} turns")
@@ -362,7 +451,7 @@ def pair_from_stllava(row: Mapping[str, Any], where: str, *, index: int = 0, sou
                           rejected=rejected, source=source or "stllava_med")
 
 
-FOREIGN_FORMATS = ("native", "trl", "stllava")
+FOREIGN_FORMATS = ("native", "trl", "stllava", "official")  # "official" is "stllava" (the official DPO JSON)
 
 
 def convert_records(path: str | os.PathLike, fmt: str, *, image_root: str | os.PathLike | None = None,
@@ -382,7 +471,7 @@ def convert_records(path: str | os.PathLike, fmt: str, *, image_root: str | os.P
         try:
             if fmt == "trl":
                 pair = pair_from_trl(row, where, index=index, images_dir=images_dir)
-            elif fmt == "stllava":
+            elif fmt in ("stllava", "official"):
                 pair = pair_from_stllava(row, where, index=index)
             else:
                 pair = PreferencePair.from_json(row, where=where)

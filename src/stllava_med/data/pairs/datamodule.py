@@ -19,8 +19,8 @@ from stllava_med.data.fraction import fraction_score, in_fraction, write_selecte
 from stllava_med.data.pairs.collate import PairCollator, identity_collate
 from stllava_med.data.pairs.scan import ScanEntry, ScanResult, scan_pairs
 from stllava_med.data.pairs.settings import PreferenceDataSettings
+from stllava_med.data.pairs.sources import prepare_shards
 from stllava_med.data.pairs.stream import PreferenceBatches, PreferenceLoader, StreamPlan
-from stllava_med.data.preference import resolve_shards
 from stllava_med.utils.io import atomic_write_json, stable_hash
 
 log = logging.getLogger(__name__)
@@ -45,6 +45,7 @@ class PreferenceDataModule(LightningDataModule):
         self.train_entries: list[ScanEntry] = []
         self.val_entries: list[ScanEntry] = []
         self.summary: dict[str, Any] = {}
+        self.conversions: list[dict[str, Any]] = []  # one report per converted (non-native) input file
         self._train_loader: PreferenceLoader | None = None
         self._loader_state: dict[str, int] | None = None
 
@@ -69,13 +70,24 @@ class PreferenceDataModule(LightningDataModule):
 
     # ---- scanning and splitting ------------------------------------------------------------------------
 
+    def _shards(self, spec: str | list[str]) -> list[Path]:
+        """Our JSONL shards for ``spec``: as they are, or converted once from TRL / official / Parquet files
+        (:mod:`stllava_med.data.pairs.sources`); the conversion reports go into the data summary."""
+        settings = self.settings
+        cache_dir = settings.convert_cache_dir or (self.out_dir / "converted_pairs" if self.out_dir else None)
+        prepared = prepare_shards(spec, fmt=settings.format, cache_dir=cache_dir, image_root=settings.image_root,
+                                  on_bad_pair=settings.on_bad_pair)
+        self.conversions.extend(prepared.conversions)
+        return prepared.shards
+
     def _scan(self) -> None:
         settings = self.settings
-        train_shards = resolve_shards(settings.path)
+        self.conversions = []
+        train_shards = self._shards(settings.path)
         self.train_scan = scan_pairs(train_shards, self.processor, self.fmt, settings,
                                      cache_dir=settings.scan_cache_dir, desc="scan pairs")
         if settings.val_path:
-            val_shards = resolve_shards(settings.val_path)
+            val_shards = self._shards(settings.val_path)
             self.val_scan = scan_pairs(val_shards, self.processor, self.fmt, settings,
                                        cache_dir=settings.scan_cache_dir, desc="scan validation pairs")
 
@@ -129,7 +141,16 @@ class PreferenceDataModule(LightningDataModule):
         if self.val_scan is not None:
             scan = {"train": scan, "val": self.val_scan.report, "skipped": {
                 **Counter(self.train_scan.report["skipped"]) + Counter(self.val_scan.report["skipped"])}}
-        return {"path": self.settings.path, "val_path": self.settings.val_path, "fraction": self.settings.fraction,
+        # pairs a conversion skipped (data.on_bad_pair=skip) count with the scan's, so that nothing goes unreported
+        converted_skips = Counter()
+        for report in self.conversions:
+            converted_skips.update(report.get("skipped") or {})
+        if converted_skips:
+            scan = {**scan, "skipped": dict(Counter(scan["skipped"]) + converted_skips)}
+        return {"path": self.settings.path, "val_path": self.settings.val_path, "format": self.settings.format,
+                "converted": [{k: r.get(k) for k in ("source", "format", "read", "kept", "skipped", "shards", "key",
+                                                      "reused")} for r in self.conversions],
+                "fraction": self.settings.fraction,
                 "fraction_seed": self.settings.fraction_seed, "max_length": self.settings.max_length,
                 "pool": len(pool), "train": stats(self.train_entries), "val": stats(self.val_entries), "scan": scan,
                 "data_fingerprint": self.data_fingerprint}
