@@ -32,11 +32,18 @@ def eval_run(tmp_path_factory, tiny_backbone_path):
     return out, proc
 
 
-def test_cli_writes_predictions_metrics_and_table(eval_run):
+def test_cli_writes_predictions_metrics_and_table(eval_run, sample_dir):
+    from stllava_med.data.vqa import load_vqa_rad
+
     out, proc = eval_run
     rows = [json.loads(line) for line in (out / "vqa_rad_sample" / "predictions.jsonl").read_text().splitlines()]
     assert len(rows) == 40
-    assert set(rows[0]) >= {"question_id", "prompt", "text", "answer_type", "answer"}
+    # LLaVA-Med's answer-file keys first (llava/eval/model_vqa.py), then ours; ids as testset.json has them
+    # (qid - 1, integers), in question order: what LLaVA-Med's run_eval.py asserts against its test.json
+    assert list(rows[0]) == ["question_id", "prompt", "text", "answer_id", "model_id", "metadata", "answer",
+                             "answer_type", "image"]
+    assert [r["question_id"] for r in rows] == [r.question_id for r in load_vqa_rad(sample_dir, "test")[0][:40]]
+    assert all(isinstance(r["question_id"], int) for r in rows) and rows[0]["model_id"] == "tiny"
     metrics = json.loads((out / "vqa_rad_sample" / "metrics.json").read_text())
     expected = score_vqa([r["text"] for r in rows], [r["answer"] for r in rows], [r["answer_type"] for r in rows])
     for key in ("open_recall", "open_f1", "closed_accuracy", "closed_accuracy_strict", "n_open", "n_closed"):

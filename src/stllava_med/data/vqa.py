@@ -31,7 +31,11 @@ FORMATS = ("vqa_rad", "vqa_rad_public", "slake", "pathvqa", "llava_med", "native
 
 @dataclass(frozen=True)
 class VQARecord:
-    """One question about one image. ``answer_type`` is ``OPEN`` or ``CLOSED``; ``id`` is unique per dataset."""
+    """One question about one image. ``answer_type`` is ``OPEN`` or ``CLOSED``; ``id`` is unique per dataset.
+
+    ``source_id`` is the id as the benchmark file spells it when that is not a string (VQA-RAD's and SLAKE's
+    ``qid`` are integers): answer files carry it as ``question_id`` (:attr:`question_id`), so LLaVA-Med's own
+    scripts, which compare ids with ``==``, accept them."""
 
     id: str
     image: str
@@ -41,9 +45,17 @@ class VQARecord:
     dataset: str
     split: str
     meta: dict[str, Any] = field(default_factory=dict, compare=False)
+    source_id: int | str | None = field(default=None, compare=False)
+
+    @property
+    def question_id(self) -> int | str:
+        return self.id if self.source_id is None else self.source_id
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        out["id"] = self.question_id
+        out.pop("source_id")
+        return out
 
     @classmethod
     def from_json(cls, obj: Mapping[str, Any], *, where: str = "record") -> VQARecord:
@@ -59,7 +71,13 @@ class VQARecord:
             dataset=str(obj.get("dataset", "native")),
             split=str(obj.get("split", "test")),
             meta=dict(obj.get("meta") or {}),
+            source_id=_source_id(obj["id"]),
         )
+
+
+def _source_id(raw: Any) -> int | str | None:
+    """What :attr:`VQARecord.source_id` keeps of a file's id: a non-string id (an integer), else nothing."""
+    return None if isinstance(raw, str) else raw
 
 
 @dataclass
@@ -205,6 +223,7 @@ def load_vqa_rad(root: str | Path, split: str = "test", *, on_missing_image: str
         qid = _require(row, "qid", where)
         records.append(VQARecord(
             id=str(int(qid) - 1),
+            source_id=int(qid) - 1,
             image=str(images / str(_require(row, "image_name", where))),
             question=str(_require(row, "question", where)),
             answer=str(_require(row, "answer", where)),
@@ -236,7 +255,8 @@ def load_vqa_rad_public(root: str | Path, split: str = "test", *, include_rephra
         row_split = "test" if phrase_type.startswith("test") else "train"
         if split != "all" and row_split != split:
             continue
-        qid = str(_require(row, "qid", where))
+        raw_qid = _require(row, "qid", where)
+        qid = str(raw_qid)
         base = dict(
             image=str(images / str(_require(row, "image_name", where))),
             answer=str(_require(row, "answer", where)),
@@ -245,7 +265,8 @@ def load_vqa_rad_public(root: str | Path, split: str = "test", *, include_rephra
             split=row_split,
             meta={k: row[k] for k in ("image_organ", "question_type", "phrase_type", "evaluation") if k in row},
         )
-        records.append(VQARecord(id=qid, question=str(_require(row, "question", where)), **base))
+        records.append(VQARecord(id=qid, question=str(_require(row, "question", where)), source_id=_source_id(raw_qid),
+                                 **base))
         rephrase = row.get("question_rephrase")
         if include_rephrase and rephrase not in (None, "", "NULL"):
             records.append(VQARecord(id=f"{qid}_rephrase", question=str(rephrase), **base))
@@ -270,8 +291,10 @@ def load_slake(root: str | Path, split: str = "test", *, language: str | None = 
         where = f"{path}: record {index}"
         if language and str(_require(row, "q_lang", where)) != language:
             continue
+        qid = _require(row, "qid", where)
         records.append(VQARecord(
-            id=str(_require(row, "qid", where)),
+            id=str(qid),
+            source_id=_source_id(qid),
             image=str(images / str(_require(row, "img_name", where))),
             question=str(_require(row, "question", where)),
             answer=str(_require(row, "answer", where)),
@@ -331,7 +354,7 @@ def load_pathvqa(root: str | Path, split: str = "test", *, image_cache: str | Pa
                     raise ImageError(f"{where}: cannot decode field 'image': {err}") from err
             answer = str(row["answer"])
             records.append(VQARecord(
-                id=str(row_index), image=str(out), question=str(row["question"]), answer=answer,
+                id=str(row_index), source_id=row_index, image=str(out), question=str(row["question"]), answer=answer,
                 answer_type=_pathvqa_answer_type(answer), dataset="pathvqa", split=split,
             ))
             row_index += 1
@@ -357,8 +380,10 @@ def load_llava_med(path: str | Path, image_folder: str | Path, *, dataset: str =
         if human is None or answer is None:
             raise ValueError(f"{where}: field 'conversations' needs one 'human' and one 'gpt' turn")
         question = str(human.get("value", "")).replace("<image>", "").strip()
+        raw_id = _require(row, "id", where)
         records.append(VQARecord(
-            id=str(_require(row, "id", where)),
+            id=str(raw_id),
+            source_id=_source_id(raw_id),
             image=str(Path(image_folder) / str(_require(row, "image", where))),
             question=question,
             answer=str(answer.get("value", "")),
@@ -479,7 +504,7 @@ def write_llava_med_eval(records: Iterable[VQARecord], path: str | Path, image_r
     rows = []
     for record in records:
         rows.append({
-            "id": record.id,
+            "id": record.question_id,
             "image": str(Path(record.image).relative_to(image_root)),
             "answer_type": record.answer_type,
             "conversations": [

@@ -4,6 +4,11 @@ The prompt is LLaVA-Med's single turn, ``<image>\\n{question}``, rendered throug
 template by :mod:`stllava_med.chat` (the same renderer training uses). Predictions are appended to
 ``predictions.jsonl`` as they are produced, so an interrupted evaluation of a 7B model on PathVQA's 6761
 questions continues where it stopped.
+
+Each line is a row of LLaVA-Med's answer files — the keys ``llava/eval/model_vqa.py`` and ``model_vqa_med.py``
+write (``question_id``, ``prompt``, ``text``, ``answer_id``, ``model_id``, ``metadata``), ``question_id`` in the
+benchmark file's own type — followed by ours (``answer``, ``answer_type``, ``image``). The finished file is in
+question order: LLaVA-Med's ``run_eval.py`` asserts that the ground truth's ids equal the answers' ids, in order.
 """
 
 from __future__ import annotations
@@ -21,11 +26,37 @@ from stllava_med.chat import ChatFormat, prompt_text, vqa_turns
 from stllava_med.data.vqa import ImageError, VQARecord, load_image
 from stllava_med.eval.metrics import MedVQAMetrics
 from stllava_med.generation import generate_batch
-from stllava_med.utils.io import JsonlWriter, atomic_write_json, atomic_write_text, read_jsonl, write_jsonl
+from stllava_med.utils.io import (
+    JsonlWriter,
+    atomic_write_json,
+    atomic_write_text,
+    read_jsonl,
+    stable_hash,
+    write_jsonl,
+)
 
 log = logging.getLogger(__name__)
 
 METRIC_KEYS = ("open_recall", "open_f1", "closed_accuracy", "closed_accuracy_strict")
+
+
+LLAVA_ANSWER_KEYS = ("question_id", "prompt", "text", "answer_id", "model_id", "metadata")
+
+
+def answer_row(record: VQARecord, text: str, *, model_id: str) -> dict[str, Any]:
+    """One line of ``predictions.jsonl``: LLaVA-Med's answer-file keys, then ours. ``answer_id`` (a random
+    ``shortuuid`` in LLaVA-Med) is a hash of (model, question, answer), so reruns write identical files."""
+    return {
+        "question_id": record.question_id,
+        "prompt": record.question,
+        "text": text,
+        "answer_id": stable_hash({"model": model_id, "question": record.id, "text": text}, n=22),
+        "model_id": model_id,
+        "metadata": {"dataset": record.dataset, "split": record.split},
+        "answer": record.answer,
+        "answer_type": record.answer_type,
+        "image": record.image,
+    }
 
 
 def _done_ids(path: Path) -> dict[str, dict[str, Any]]:
@@ -41,10 +72,12 @@ def _rewrite_clean(path: Path, rows: dict[str, dict[str, Any]]) -> None:
 
 def predict(backbone: Backbone, records: Sequence[VQARecord], fmt: ChatFormat, predictions_path: Path, *,
             batch_size: int = 8, max_new_tokens: int = 32, on_bad_image: str = "error", progress: bool = True,
-            desc: str = "evaluate") -> tuple[list[dict[str, Any]], dict[str, Any]]:
+            desc: str = "evaluate", model_id: str | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Answer every record greedily, appending to ``predictions_path``; records already there are reused.
 
-    Returns the predictions in record order and run statistics (questions/s, skipped images)."""
+    Returns the predictions in record order and run statistics (questions/s, skipped images). ``model_id``
+    (default: the backbone's name) goes into every row."""
+    model_id = model_id or str(getattr(backbone, "name", "") or "model")
     done = _done_ids(predictions_path)
     if done:
         _rewrite_clean(predictions_path, done)
@@ -73,8 +106,7 @@ def predict(backbone: Backbone, records: Sequence[VQARecord], fmt: ChatFormat, p
             prompts = [prompt_text(backbone.processor, vqa_turns(r.question), "assistant", fmt) for r in batch_records]
             texts = generate_batch(backbone, prompts, images, max_new_tokens=max_new_tokens)
             for record, text in zip(batch_records, texts):
-                row = {"question_id": record.id, "prompt": record.question, "text": text,
-                       "answer_type": record.answer_type, "answer": record.answer, "image": record.image}
+                row = answer_row(record, text, model_id=model_id)
                 writer.write(row)
                 done[record.id] = row
             generated += len(batch_records)
@@ -85,7 +117,12 @@ def predict(backbone: Backbone, records: Sequence[VQARecord], fmt: ChatFormat, p
     elapsed = time.perf_counter() - started
     if skipped:
         log.warning("%s: skipped %d unreadable images (first: %s)", desc, len(skipped), skipped[0])
-    rows = [done[r.id] for r in records if r.id in done]
+    # Rows of an earlier run (older versions wrote only our keys, with string ids) are brought to the layout,
+    # and the file is rewritten in question order when a resumed or reordered run left it otherwise.
+    rows = [answer_row(r, str(done[r.id]["text"]), model_id=str(done[r.id].get("model_id") or model_id))
+            for r in records if r.id in done]
+    if rows != [done[r.id] for r in records if r.id in done] or len(rows) != len(done):
+        write_jsonl(predictions_path, rows + [row for key, row in done.items() if key not in {r.id for r in records}])
     stats = {"generated": generated, "seconds": round(elapsed, 3),
              "questions_per_s": round(generated / elapsed, 3) if generated and elapsed > 0 else None,
              "skipped_images": len(skipped), "skipped_examples": skipped[:10]}
