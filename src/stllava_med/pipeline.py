@@ -247,8 +247,8 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
     dpo_dirs = [stages[f"{g}/dpo"]["dir"] for g in dpo_summaries]
     finish_run(root, "pipeline", {"log_dirs": dpo_dirs, "metrics": {label: {ds: {k: m.get(k) for k in _METRICS} for ds, m in ev.items()
                                                       if isinstance(m, dict)} for label, ev in evaluations.items()},
-                                  "dpo": {g: {"train_reward_accuracy": s.get("train", {}).get("rewards/accuracy"),
-                                              "val_reward_accuracy": s.get("val", {}).get("rewards/accuracy")}
+                                  "dpo": {g: {"train_reward_accuracy": reward_accuracy(s, "train"),
+                                              "val_reward_accuracy": reward_accuracy(s, "val")}
                                           for g, s in dpo_summaries.items()}})
     return summary
 
@@ -264,6 +264,13 @@ def _complete_judge(summary: dict[str, Any]) -> dict[str, Any]:
 _METRICS = ("open_recall", "open_f1", "closed_accuracy", "closed_accuracy_strict", "n_open", "n_closed")
 
 
+def reward_accuracy(summary: dict[str, Any], split: str) -> float | None:
+    """A DPO run's reward accuracy on ``split``: ``rewards/accuracies`` (TRL's name, ours since), or the
+    ``rewards/accuracy`` of a run finished before the rename (a reused stage)."""
+    metrics = summary.get(split) or {}
+    return metrics.get("rewards/accuracies", metrics.get("rewards/accuracy"))
+
+
 def comparison_table(evaluations: dict[str, dict[str, Any]], dpo: dict[str, dict[str, Any]]) -> str:
     """Stage-1 vs DPO models, per dataset: the four VQA metrics and the DPO reward accuracy (train / val)."""
     lines = ["| model | dataset | open recall | open F1 | closed acc. | closed acc. (strict) | n open | n closed | "
@@ -272,8 +279,7 @@ def comparison_table(evaluations: dict[str, dict[str, Any]], dpo: dict[str, dict
         group = label.replace("dpo_", "") if label.startswith("dpo_") else None
         reward = "—"
         if group and group in dpo:
-            train_acc = dpo[group].get("train", {}).get("rewards/accuracy")
-            val_acc = dpo[group].get("val", {}).get("rewards/accuracy")
+            train_acc, val_acc = reward_accuracy(dpo[group], "train"), reward_accuracy(dpo[group], "val")
             reward = " / ".join("—" if v is None else f"{v:.2f}" for v in (train_acc, val_acc))
         for dataset, m in per_dataset.items():
             if not isinstance(m, dict) or "open_recall" not in m:

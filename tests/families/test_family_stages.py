@@ -230,7 +230,7 @@ def test_dpo_in_each_reference_mode(family, family_path, dpo_shard, mode, tmp_pa
                           f"dpo.prefix_sharing={str(prefix_sharing).lower()}", export)
         pairs = summary["pairs"]
         assert summary["global_step"] == 2 and pairs["train"] + pairs["val"] == 8 and pairs["skipped"] == {}
-        for key in ("loss", "rewards/margin", "logps/chosen", "logps/rejected"):
+        for key in ("loss", "rewards/margins", "logps/chosen", "logps/rejected"):
             assert finite(summary["train"].get(key)), (key, summary["train"])
         assert summary["train"]["logps/chosen"] < 0
         if mode == "precomputed":
@@ -244,7 +244,7 @@ def test_dpo_in_each_reference_mode(family, family_path, dpo_shard, mode, tmp_pa
     if mode == "precomputed":
         assert summaries[True]["reference_cache"]["computed_now"] == 8
     if len(summaries) == 2:  # prefix sharing is exact: the same run, step for step
-        for key in ("loss", "logps/chosen", "logps/rejected", "rewards/margin"):
+        for key in ("loss", "logps/chosen", "logps/rejected", "rewards/margins"):
             assert summaries[True]["train"][key] == pytest.approx(summaries[False]["train"][key], rel=1e-3, abs=1e-4), key
 
 

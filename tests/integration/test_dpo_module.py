@@ -91,8 +91,8 @@ def _train_pair_rewards(module, dm) -> dict[str, float]:
         for batch in dm.train_dataset():
             out = module.compute(batch)
             real = batch["weight"] > 0
-            accuracy += out["rewards/accuracy"][real].tolist()
-            margin += out["rewards/margin"][real].tolist()
+            accuracy += out["rewards/accuracies"][real].tolist()
+            margin += out["rewards/margins"][real].tolist()
             lead += (out["logps/chosen"] - out["logps/rejected"])[real].tolist()
     module.train()
     return {"pairs": len(margin), "accuracy": sum(accuracy) / len(accuracy), "margin": sum(margin) / len(margin),

@@ -74,7 +74,7 @@ def test_a_run_trains_validates_and_exports(tmp_path, shard, tiny_backbone_path)
     assert summary["global_step"] == 4 and pairs["train"] + pairs["val"] == 16 and pairs["skipped"] == {}
     assert 1 <= pairs["val"] <= 8
     assert summary["reference_cache"]["computed_now"] == 16  # train + val, images included
-    for key in ("loss", "rewards/accuracy", "rewards/margin", "logps/chosen_per_token", "padding_ratio"):
+    for key in ("loss", "rewards/accuracies", "rewards/margins", "logps/chosen_per_token", "padding_ratio"):
         assert key in summary["val"] and key in summary["train"]
     assert summary["train"]["pairs_per_s"] > 0
     assert json.loads((out / "metrics.json").read_text())["val"] == summary["val"]

@@ -160,5 +160,5 @@ def test_make_demo_pipeline_completes(tmp_path, tiny_backbone_path):
     # measured on a 2-core runner, seeds 0, 1, 2 (different pair sets) as a stand-in for that: accuracy
     # 0.91, 0.90, 0.91, mean reward margin 1.16, 1.22, 1.28. Both thresholds leave a wide gap.
     train = summary["dpo"]["round1"]["train"]
-    assert train["rewards/margin"] > 0.4 and train["rewards/accuracy"] > 0.6, train
+    assert train["rewards/margins"] > 0.4 and train["rewards/accuracies"] > 0.6, train
     assert (out / "comparison.png").stat().st_size > 1000

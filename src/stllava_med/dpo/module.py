@@ -11,8 +11,10 @@ and optimizer settings — and never reads configs or paths. One training step:
    real pairs (zero-weight pairs only pad the DDP slots).
 
 Logged (torchmetrics ``MeanMetric``, synced across ranks at epoch end; ``train/`` and ``val/``): loss, rewards
-chosen / rejected / accuracy / margin, log-probs chosen / rejected (sum and per-token mean), padding ratio;
-``train/pairs_per_s`` and ``train/tokens_per_s`` (all ranks together).
+chosen / rejected / accuracies / margins, log-probs chosen / rejected (sum and per-token mean), padding ratio;
+``train/pairs_per_s`` and ``train/tokens_per_s`` (all ranks together). Where a quantity is one TRL's
+``DPOTrainer`` logs, it has TRL's name (``rewards/chosen``, ``rewards/rejected``, ``rewards/accuracies``,
+``rewards/margins``, ``logps/chosen``, ``logps/rejected``), so dashboards and comparisons line up.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from stllava_med.training import TrainableOnlyCheckpoints, configure_adamw
 from stllava_med.utils.config import settings_from
 
 METRIC_NAMES = (
-    "loss", "rewards/chosen", "rewards/rejected", "rewards/accuracy", "rewards/margin",
+    "loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
     "logps/chosen", "logps/rejected", "logps/chosen_per_token", "logps/rejected_per_token", "padding_ratio",
 )
 
@@ -104,8 +106,8 @@ class DPOModule(TrainableOnlyCheckpoints, LightningModule):
             chosen_lengths=policy.chosen_tokens, rejected_lengths=policy.rejected_tokens,
         )
         out = {"losses": losses, "rewards/chosen": chosen_rewards, "rewards/rejected": rejected_rewards,
-               "rewards/accuracy": (chosen_rewards > rejected_rewards).float(),
-               "rewards/margin": chosen_rewards - rejected_rewards,
+               "rewards/accuracies": (chosen_rewards > rejected_rewards).float(),
+               "rewards/margins": chosen_rewards - rejected_rewards,
                "logps/chosen": policy.chosen.detach(), "logps/rejected": policy.rejected.detach(),
                "logps/chosen_per_token": policy.chosen.detach() / policy.chosen_tokens.clamp(min=1),
                "logps/rejected_per_token": policy.rejected.detach() / policy.rejected_tokens.clamp(min=1),
@@ -129,7 +131,7 @@ class DPOModule(TrainableOnlyCheckpoints, LightningModule):
                 metric = self.metrics[_metric_key(stage, name)]
                 metric(values.float(), real.expand(1) if name == "loss" else weight)
                 self.log(f"{stage}/{name}", metric, on_step=stage == "train", on_epoch=True,
-                         prog_bar=name in ("loss", "rewards/accuracy"), batch_size=int(real))
+                         prog_bar=name in ("loss", "rewards/accuracies"), batch_size=int(real))
         if stage == "train":
             self._log_throughput(real, out["tokens"])
         return loss
