@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from stllava_med.data.vqa import dataset_specs, load_vqa
 from stllava_med.utils import config as _config  # noqa: F401  (registers resolvers)
 from stllava_med.utils.io import atomic_write_json, atomic_write_text
-from stllava_med.utils.runtime import finish_run, start_run
+from stllava_med.utils.runtime import finish_run, objective, print_summary, start_run
 
 # The stage's own modules load torch, transformers and Lightning: they are imported inside the functions that
 # run it, so that start-up (--help, config composition and its errors) stays light and Hydra has set up
@@ -57,14 +57,40 @@ def run_evaluate(cfg: DictConfig, out_dir: Path | None = None) -> dict[str, Any]
     table = markdown_table(results)
     atomic_write_text(out_dir / "table.md", table)
     if cfg.get("print_table", True):
-        print(f"\nZero-shot VQA — {backbone.name_or_path}\n\n{table}\nwritten to {out_dir}")
+        print(f"\nZero-shot VQA — {backbone.name_or_path}\n\n{table}")
+        print_summary(f"evaluate — {out_dir}", summary_rows(results, backbone.name_or_path))
     finish_run(out_dir, "evaluate", {"metrics": results})
     return results
 
 
+HEADLINE = ("open_recall", "open_f1", "closed_accuracy", "closed_accuracy_strict", "n_open", "n_closed")
+
+
+def summary_rows(results: dict[str, dict[str, Any]], backbone: str) -> dict[str, Any]:
+    """The console summary of an evaluation: per dataset, the LLaVA-Med metrics."""
+    rows: dict[str, Any] = {"backbone": backbone}
+    for name, metrics in results.items():
+        for key in (*HEADLINE, "questions_per_s"):
+            rows[f"{name}/{key}"] = metrics.get(key)
+    return rows
+
+
+def objective_metrics(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """What ``objective=`` can name: ``<dataset>/<metric>`` for every dataset, and the bare ``<metric>`` of the
+    first dataset (``objective=closed_accuracy``)."""
+    flat: dict[str, Any] = {}
+    for index, (name, metrics) in enumerate(results.items()):
+        for key, value in metrics.items():
+            flat[f"{name}/{key}"] = value
+            if index == 0:
+                flat[key] = value
+    return flat
+
+
 @hydra.main(version_base="1.3", config_path=_config.conf_dir(), config_name="evaluate")
-def main(cfg: DictConfig) -> None:
-    run_evaluate(cfg)
+def main(cfg: DictConfig) -> float | None:
+    results = run_evaluate(cfg)
+    return objective(cfg, "evaluate", objective_metrics(results))
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from stllava_med.data.vqa import dataset_specs, load_vqa
 from stllava_med.utils import config as _config  # noqa: F401  (registers resolvers)
 from stllava_med.utils.io import atomic_write_json
-from stllava_med.utils.runtime import finish_run, start_run
+from stllava_med.utils.runtime import finish_run, print_summary, start_run
 
 # The stage's own modules load torch, transformers and Lightning: they are imported inside the functions that
 # run it, so that start-up (--help, config composition and its errors) stays light and Hydra has set up
@@ -80,12 +80,17 @@ def run_generate(cfg: DictConfig, out_dir: Path | None = None) -> dict[str, Any]
     summary.update({"policy": backbone.name_or_path, "input": input_report, "settings": settings.to_json()})
     atomic_write_json(out_dir / "summary.json", summary)
     if cfg.get("print_summary", True):
-        rate = summary["this_run"]["images_per_s"]
-        print(f"generate: {summary['images_done']}/{summary['images']} images, {summary['candidates']} questions, "
-              f"{summary['answers']} answers"
-              f"{f' ({rate:.3f} images/s this run)' if rate else ''}\nwritten to {out_dir}")
+        print_summary(f"generate — {out_dir}", summary_rows(summary))
     finish_run(out_dir, "generate", {"candidates": summary["candidates"], "images_done": summary["images_done"]})
     return summary
+
+
+def summary_rows(summary: dict[str, Any]) -> dict[str, Any]:
+    """The console summary of a generation run."""
+    this_run = summary.get("this_run") or {}
+    return {"policy": summary.get("policy"), "images done": f"{summary['images_done']} / {summary['images']}",
+            "questions (candidates)": summary.get("candidates"), "answers": summary.get("answers"),
+            "images/s this run": this_run.get("images_per_s") or None}
 
 
 @hydra.main(version_base="1.3", config_path=_config.conf_dir(), config_name="generate")

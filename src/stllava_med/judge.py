@@ -29,7 +29,7 @@ from stllava_med.selftrain.store import JudgementStore
 from stllava_med.utils import config as _config  # noqa: F401  (registers resolvers)
 from stllava_med.utils.config import resolve_out_dir, save_config
 from stllava_med.utils.io import atomic_write_json
-from stllava_med.utils.runtime import finish_run
+from stllava_med.utils.runtime import finish_run, print_summary, quiet_known_noise
 
 # The experts are imported by kind in build_expert: the OpenAI client only for expert=openai, torch only for
 # reference / hf_local, so that judging through an API starts without either.
@@ -98,6 +98,7 @@ def _start(cfg: DictConfig) -> Path:
     # Like utils.runtime.start_run, minus seeding through Lightning: judging through an API needs neither torch
     # nor Lightning, and importing them would triple the start-up time of every (resumed) judge job.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    quiet_known_noise()
     out_dir = resolve_out_dir(cfg, "judge")
     out_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out_dir)
@@ -162,12 +163,20 @@ def run_judge(cfg: DictConfig, out_dir: Path | None = None) -> dict[str, Any]:
              pair_stats.judged, pair_stats.failed, pair_stats.unjudged, pair_stats.pairs, pair_stats.ties_dropped,
              pair_stats.low_margin_dropped, pair_stats.capped, f"; stopped: {stats.stopped}" if stats.stopped else "")
     if cfg.get("print_summary", True):
-        print(f"judge {expert.identity}: {pair_stats.judged} judged, {pair_stats.failed} failed, "
-              f"{pair_stats.unjudged} unjudged, {pair_stats.pairs} pairs "
-              f"({stats.requests} requests this run, ${usage.cost_usd:.4f} in all)"
-              f"{' — stopped: ' + stats.stopped if stats.stopped else ''}\nwritten to {out_dir}")
+        print_summary(f"judge — {out_dir}", summary_rows(summary))
     finish_run(out_dir, "judge", {"pairs": pair_stats.pairs, "judged": pair_stats.judged, "stopped": stats.stopped})
     return summary
+
+
+def summary_rows(summary: dict[str, Any]) -> dict[str, Any]:
+    """The console summary of a judging run."""
+    this_run, all_runs = summary.get("this_run") or {}, summary.get("all_runs") or {}
+    return {"expert": summary.get("expert"), "judged": summary.get("judged"), "failed": summary.get("failed"),
+            "unjudged": summary.get("unjudged"), "pairs": summary.get("pairs"),
+            "ties dropped": summary.get("ties_dropped"), "under margin": summary.get("low_margin_dropped"),
+            "capped": summary.get("capped"), "requests this run": this_run.get("requests"),
+            "cost (all runs, USD)": all_runs.get("cost_usd"), "stopped": summary.get("stopped") or None,
+            "preference shards": str(Path(summary["store"]).parent / "preference")}
 
 
 @hydra.main(version_base="1.3", config_path=_config.conf_dir(), config_name="judge")

@@ -24,12 +24,18 @@ def merge_adapter(base: str, adapter: str, out: str | Path, *, dtype: str = "bfl
     return export_merged(model, processor, out)
 
 
+USAGE = "usage: python -m stllava_med.merge base=<model> adapter=<dir> out=<dir> [dtype=bfloat16]"
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = dict(a.split("=", 1) for a in (sys.argv[1:] if argv is None else argv) if "=" in a)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help") for a in argv):
+        print(f"{USAGE}\n\n{(__doc__ or '').strip()}")
+        return 0
+    args = dict(a.split("=", 1) for a in argv if "=" in a)
     missing = [k for k in ("base", "adapter", "out") if k not in args]
     if missing:
-        print(f"merge: missing {missing}; usage: python -m stllava_med.merge base=<model> adapter=<dir> out=<dir>",
-              file=sys.stderr)
+        print(f"merge: missing {missing}; {USAGE}  (--help for more)", file=sys.stderr)
         return 2
     path = merge_adapter(args["base"], args["adapter"], args["out"], dtype=args.get("dtype", "bfloat16"))
     print(f"merged model written to {path}")

@@ -36,11 +36,12 @@ from stllava_med.utils.config import (
     UnknownConfigKey,
     check_keys,
     config_fingerprint,
+    logger_names,
     project_root,
     save_config,
 )
 from stllava_med.utils.io import atomic_write_json, atomic_write_text, file_lock
-from stllava_med.utils.runtime import finish_run
+from stllava_med.utils.runtime import finish_run, objective, quiet_known_noise
 
 log = logging.getLogger("stllava_med.pipeline")
 
@@ -124,12 +125,21 @@ def stage_config(cfg: DictConfig, stage: str, *, backbone: dict[str, Any] | None
 
 
 
-def run_stage(label: str, stage_dir: Path, runner: Callable[[Path], dict[str, Any]]) -> dict[str, Any]:
-    """Run ``runner(stage_dir)`` unless ``stage_dir/DONE.json`` says it already finished; record its summary."""
+def run_stage(label: str, stage_dir: Path, runner: Callable[[Path], dict[str, Any]],
+              loggers: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+    """Run ``runner(stage_dir)`` unless ``stage_dir/DONE.json`` says it already finished; record its summary.
+
+    ``loggers`` names the stage's loggers: they are not part of its directory's hash, so a finished stage is
+    reused whatever they are, and the reuse says that nothing reached them."""
     done = stage_dir / "DONE.json"
     with file_lock(stage_dir.parent / f".{stage_dir.name}.lock"):
         if done.is_file():
-            log.info("%s: reusing the finished stage in %s", label, stage_dir)
+            if loggers:
+                log.warning("%s: reusing the finished stage in %s; it is complete, so nothing is logged to "
+                            "logger=%s. To run it again (and log), give the pipeline another root: "
+                            "out_dir=<elsewhere>", label, stage_dir, ",".join(loggers))
+            else:
+                log.info("%s: reusing the finished stage in %s", label, stage_dir)
             return {**json.loads(done.read_text()), "reused": True}
         log.info("%s: running in %s", label, stage_dir)
         stage_dir.mkdir(parents=True, exist_ok=True)
@@ -176,6 +186,7 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
     for stage in STAGES:
         if enabled[stage]:
             stage_config(cfg, stage)
+    quiet_known_noise()
     root = pipeline_root(cfg)
     root.mkdir(parents=True, exist_ok=True)
     base_backbone = _plain(cfg.backbone)
@@ -189,13 +200,13 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
                 stage_cfg.out_dir = str(out_dir)
             return _plain(fn(stage_cfg, out_dir)) or {}
 
-        stages[label] = run_stage(label, stage_dir, runner)
+        stages[label] = run_stage(label, stage_dir, runner, logger_names(_plain(stage_cfg.get("logger"))))
         return stages[label]
 
     # ---- stage 1: visual self-questioning SFT
     policy = base_backbone
     if enabled["sft"]:
-        sft_cfg = stage_config(cfg, "sft", backbone=base_backbone)
+        sft_cfg = stage_config(cfg, "sft", backbone=base_backbone, print_summary=False)
         sft = run("sft", "round0", "sft", sft_cfg, lambda c, d: run_train_sft(c))
         policy = _policy_backbone(base_backbone, _merged_dir(sft, "sft"), f"{base_backbone['name']}-sft")
 
@@ -229,6 +240,7 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
             break
 
         dpo_cfg = stage_config(cfg, "dpo", backbone=_policy_backbone(policy, policy["name_or_path"], policy["name"]),
+                               print_summary=False,
                                **{"data.path": str(Path(judged["dir"]) / "preference")})
         dpo = run(f"{group}/dpo", group, "dpo", dpo_cfg, lambda c, d: run_train_dpo(c, out_dir=d))
         dpo_summaries[group] = dpo["summary"]
@@ -323,8 +335,28 @@ def comparison_plot(evaluations: dict[str, dict[str, Any]], path: Path) -> Path 
     return path
 
 
+def objective_metrics(summary: dict[str, Any]) -> dict[str, Any]:
+    """What ``objective=`` can name: the bare metrics of the last evaluated model (the final DPO policy) on
+    the first dataset (``closed_accuracy``), ``<model>/<dataset>/<metric>`` for every evaluation
+    (``stage1/vqa_rad_sample/open_recall``) and ``dpo/<round>/<train|val>/<metric>``."""
+    flat: dict[str, Any] = {}
+    evaluations = summary.get("evaluations") or {}
+    for label, per_dataset in evaluations.items():
+        for dataset, metrics in per_dataset.items():
+            if isinstance(metrics, dict):
+                flat.update({f"{label}/{dataset}/{k}": v for k, v in metrics.items()})
+    if evaluations:
+        final = list(evaluations.values())[-1]
+        first = next((m for m in final.values() if isinstance(m, dict)), {})
+        flat.update(first)
+    for group, dpo in (summary.get("dpo") or {}).items():
+        for split in ("train", "val"):
+            flat.update({f"dpo/{group}/{split}/{k}": v for k, v in (dpo.get(split) or {}).items()})
+    return flat
+
+
 @hydra.main(version_base="1.3", config_path=_config.conf_dir(), config_name="pipeline")
-def main(cfg: DictConfig) -> None:
+def main(cfg: DictConfig) -> float | None:
     summary = run_pipeline(cfg)
     print(f"\nSTLLaVA-Med pipeline — {summary['root']}\n\n{summary['table']}")
     reused = [k for k, v in summary["stages"].items() if v["reused"]]
@@ -332,6 +364,7 @@ def main(cfg: DictConfig) -> None:
         print(f"reused finished stages: {', '.join(reused)}")
     if summary.get("plot"):
         print(f"plot: {summary['plot']}")
+    return objective(cfg, "pipeline", objective_metrics(summary))
 
 
 if __name__ == "__main__":

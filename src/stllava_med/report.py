@@ -223,12 +223,18 @@ def build_report(multirun_dir: str | Path, out: str | Path | None = None) -> dic
     return {"rows": rows, "markdown": table, **summary}
 
 
+USAGE = "usage: python -m stllava_med.report <multirun dir> [out=<dir>]"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help") for a in argv):
+        print(f"{USAGE}\n\n{(__doc__ or '').strip()}")
+        return 0
     positional = [a for a in argv if "=" not in a]
     options = dict(a.split("=", 1) for a in argv if "=" in a)
     if len(positional) != 1:
-        print("usage: python -m stllava_med.report <multirun dir> [out=<dir>]", file=sys.stderr)
+        print(f"{USAGE}  (--help for more)", file=sys.stderr)
         return 2
     try:
         result = build_report(positional[0], options.get("out"))

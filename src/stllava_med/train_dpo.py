@@ -15,7 +15,6 @@ logger output under ``logs/``.
 from __future__ import annotations
 
 import logging
-import warnings
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -24,17 +23,15 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from stllava_med.utils import config as _config  # noqa: F401  (registers resolvers)
+from stllava_med.utils.config import logger_names
 from stllava_med.utils.io import atomic_write_json
-from stllava_med.utils.runtime import finish_run, start_run
+from stllava_med.utils.runtime import finish_run, objective, print_summary, start_run
 
 # The stage's own modules load torch, transformers and Lightning: they are imported inside the functions that
 # run it, so that start-up (--help, config composition and its errors) stays light and Hydra has set up
 # logging first.
 
 log = logging.getLogger("stllava_med.train_dpo")
-
-# Our IterableDataset's __len__ is exact under multi-worker loading (each worker has an equal, disjoint slot).
-warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined")
 
 
 def _container(node: Any) -> dict[str, Any]:
@@ -120,7 +117,7 @@ def run_train_dpo(cfg: DictConfig, *, callbacks: Iterable[Any] = (), out_dir: Pa
     from stllava_med.data.pairs.datamodule import PreferenceDataModule
     from stllava_med.data.pairs.settings import PreferenceDataSettings
     from stllava_med.dpo.module import DPOModule, DPOSettings
-    from stllava_med.training import BnbCpuGuard, build_trainer, resume_checkpoint
+    from stllava_med.training import BnbCpuGuard, build_trainer, close_loggers, resume_checkpoint
 
     out_dir = out_dir or start_run(cfg, "dpo")
     settings = DPOSettings.from_config(_container(cfg.dpo))
@@ -138,19 +135,27 @@ def run_train_dpo(cfg: DictConfig, *, callbacks: Iterable[Any] = (), out_dir: Pa
     all_callbacks = list(callbacks)
     if has_bnb_layers(backbone.model):
         all_callbacks.insert(0, BnbCpuGuard())
-    trainer = build_trainer(_container(cfg.trainer), out_dir, logger_cfg=_container(cfg.get("logger")),
+    logger_cfg = _container(cfg.get("logger"))
+    trainer = build_trainer(_container(cfg.trainer), out_dir, logger_cfg=logger_cfg,
                             callbacks=all_callbacks,
                             checkpoint_every_n_steps=cfg.get("checkpoint_every_n_steps"),
-                            slurm_auto_requeue=bool(cfg.get("slurm_auto_requeue", False)))
+                            slurm_auto_requeue=bool(cfg.get("slurm_auto_requeue", False)), run_cfg=cfg)
     ckpt = resume_checkpoint(out_dir)
     if ckpt:
         log.info("resuming from %s", ckpt)
+    if ckpt and (out_dir / "metrics.json").is_file():
+        # the logger is not part of the run directory's hash: logger=wandb on a finished run lands here
+        log.warning("dpo: %s is complete (metrics.json): training resumes at its last step, so no training "
+                    "metric is logged%s; validation and the export run again. To train and log anew, "
+                    "give the run another directory: out_dir=<elsewhere>", out_dir,
+                    f" to logger={','.join(logger_names(logger_cfg))}" if logger_names(logger_cfg) else "")
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
     train_metrics = _scalars(dict(trainer.callback_metrics), "train/")
     val_metrics: dict[str, float] = {}
     if datamodule.val_entries:
         results = trainer.validate(module, datamodule=datamodule, verbose=False)
         val_metrics = _scalars(results[0] if results else {}, "val/")
+    close_loggers(trainer)
 
     export: dict[str, Any] = {}
     if trainer.is_global_zero:
@@ -178,13 +183,45 @@ def run_train_dpo(cfg: DictConfig, *, callbacks: Iterable[Any] = (), out_dir: Pa
     if trainer.is_global_zero:
         atomic_write_json(out_dir / "metrics.json", summary)
         finish_run(out_dir, "dpo", {"metrics": summary})
-        log.info("DPO done: %s", {k: round(v, 4) for k, v in val_metrics.items()} or train_metrics)
+        log.info("dpo: done, step %d, %s", trainer.global_step, _headline(val_metrics or train_metrics,
+                                                                          "val" if val_metrics else "train"))
+        if cfg.get("print_summary", True):
+            print_summary(f"train_dpo — {out_dir}", summary_rows(summary))
     return summary
 
 
+# Metrics shown in the console summary (all of them are in metrics.json); substrings of the logged names.
+_HEADLINE = ("loss", "rewards/acc", "rewards/margin", "logps/chosen_per_token", "pairs_per_s")
+
+
+def _headline(metrics: dict[str, float], prefix: str) -> str:
+    shown = [(k, v) for k, v in metrics.items() if any(h in k for h in _HEADLINE[:3])]
+    return ", ".join(f"{prefix}/{k} {v:.4g}" for k, v in shown) or "no metrics"
+
+
+def summary_rows(summary: dict[str, Any]) -> dict[str, Any]:
+    """The console summary of a DPO run: where it is, what it trained on, its headline metrics."""
+    rows: dict[str, Any] = {"global step": summary["global_step"], "reference": summary["reference"],
+                            "pairs (train / val)": f"{summary['pairs']['train']} / {summary['pairs']['val']}"}
+    for split in ("train", "val"):
+        for key, value in summary[split].items():
+            if any(h in key for h in _HEADLINE):
+                rows[f"{split}/{key}"] = value
+    export = summary.get("export") or {}
+    rows["adapter"] = export.get("adapter")
+    rows["merged"] = export.get("merged") or export.get("merged_skipped")
+    return rows
+
+
+def objective_metrics(summary: dict[str, Any]) -> dict[str, float]:
+    """``train/<name>`` and ``val/<name>``: what ``objective=`` can name."""
+    return {f"{split}/{k}": v for split in ("train", "val") for k, v in (summary.get(split) or {}).items()}
+
+
 @hydra.main(version_base="1.3", config_path=_config.conf_dir(), config_name="dpo")
-def main(cfg: DictConfig) -> None:
-    run_train_dpo(cfg)
+def main(cfg: DictConfig) -> float | None:
+    summary = run_train_dpo(cfg)
+    return objective(cfg, "dpo", objective_metrics(summary))
 
 
 if __name__ == "__main__":

@@ -24,8 +24,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from stllava_med.data.vqa import dataset_specs
 from stllava_med.utils import config as _config  # noqa: F401  (registers resolvers)
+from stllava_med.utils.config import logger_names
 from stllava_med.utils.io import atomic_write_json, load_json
-from stllava_med.utils.runtime import finish_run, start_run
+from stllava_med.utils.runtime import finish_run, objective, print_summary, start_run
 
 # The stage's own modules load torch, transformers and Lightning: they are imported inside the functions that
 # run it, so that start-up (--help, config composition and its errors) stays light and Hydra has set up
@@ -102,13 +103,20 @@ def run_train_sft(cfg: DictConfig, *, callbacks: Sequence[Any] = ()) -> dict[str
         write_selection,
     )
     from stllava_med.sft.module import SFTModule, SFTOptimSettings
-    from stllava_med.training import BnbCpuGuard, build_trainer, resume_checkpoint
+    from stllava_med.training import BnbCpuGuard, build_trainer, close_loggers, resume_checkpoint
 
     out_dir = start_run(cfg, STAGE)
     finished = _finished_summary(out_dir)
     if finished is not None:
-        log.info("sft: %s already finished; delete metrics.json there to export again", out_dir)
+        loggers = logger_names(_plain(cfg.get("logger")))
+        # the logger is not part of the run directory's hash: logger=wandb on a finished run lands here
+        log.warning("sft: %s is complete: returning its results; nothing was trained%s. To train (and log) "
+                    "again, give the run another directory: out_dir=<elsewhere> (or delete metrics.json there to "
+                    "export again)", out_dir,
+                    f" and nothing was logged to logger={','.join(loggers)}" if loggers else "")
         finish_run(out_dir, STAGE, finished)
+        if cfg.get("print_summary", True):
+            print_summary(f"train_sft — {out_dir} (finished before)", summary_rows(finished))
         return finished
 
     data = _plain(cfg.data)
@@ -145,7 +153,7 @@ def run_train_sft(cfg: DictConfig, *, callbacks: Sequence[Any] = ()) -> dict[str
         trainer_cfg["limit_val_batches"] = 0
     trainer = build_trainer(trainer_cfg, out_dir, logger_cfg=_plain(cfg.get("logger")), callbacks=all_callbacks,
                             checkpoint_every_n_steps=sft.get("checkpoint_every_n_steps"),
-                            slurm_auto_requeue=bool(cfg.get("slurm_auto_requeue", False)))
+                            slurm_auto_requeue=bool(cfg.get("slurm_auto_requeue", False)), run_cfg=cfg)
     ckpt_path = resume_checkpoint(out_dir)
     if ckpt_path:
         log.info("sft: resuming from %s", ckpt_path)
@@ -154,6 +162,7 @@ def run_train_sft(cfg: DictConfig, *, callbacks: Sequence[Any] = ()) -> dict[str
     if trainer.interrupted:
         raise RuntimeError(f"sft: training was interrupted; rerun the same command to resume from {out_dir}")
     seconds = time.perf_counter() - started
+    close_loggers(trainer)
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if not k.endswith("_step")}
     summary: dict[str, Any] = {
@@ -176,14 +185,37 @@ def run_train_sft(cfg: DictConfig, *, callbacks: Sequence[Any] = ()) -> dict[str
                 summary["merge_error"] = str(err)
         atomic_write_json(out_dir / "metrics.json", summary)
         log.info("sft: done in %.1fs, step %d, train loss %s -> %s", seconds, trainer.global_step,
-                 metrics.get("train/loss"), summary["merged_dir"] or summary["adapter_dir"])
+                 _short(metrics.get("train/loss")), summary["merged_dir"] or summary["adapter_dir"])
     finish_run(out_dir, STAGE, summary)
+    if trainer.is_global_zero and cfg.get("print_summary", True):
+        print_summary(f"train_sft — {out_dir}", summary_rows(summary))
     return summary
 
 
+def _short(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4g}"
+
+
+def summary_rows(summary: dict[str, Any]) -> dict[str, Any]:
+    """The console summary of an SFT run."""
+    rows: dict[str, Any] = {
+        "backbone": summary.get("backbone"), "global step": summary.get("global_step"),
+        "epoch (trainer.current_epoch)": summary.get("epoch"),
+        "conversations (train / val)": f"{summary.get('train_conversations')} / {summary.get('val_conversations')}",
+        "fit seconds": summary.get("fit_seconds"),
+    }
+    for key, value in sorted((summary.get("metrics") or {}).items()):
+        if key.startswith(("train/", "val/")) and not key.endswith("_epoch"):
+            rows[key] = value
+    rows["adapter"] = summary.get("adapter_dir")
+    rows["merged"] = summary.get("merged_dir") or summary.get("merge_error")
+    return rows
+
+
 @hydra.main(version_base="1.3", config_path=_config.conf_dir(), config_name="sft")
-def main(cfg: DictConfig) -> None:
-    run_train_sft(cfg)
+def main(cfg: DictConfig) -> float | None:
+    summary = run_train_sft(cfg)
+    return objective(cfg, STAGE, summary.get("metrics") or {})
 
 
 if __name__ == "__main__":

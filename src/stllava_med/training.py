@@ -16,12 +16,16 @@ from typing import Any
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar, TQDMProgressBar
 from lightning.pytorch.plugins.environments import SLURMEnvironment
+from lightning.pytorch.utilities.imports import _RICH_AVAILABLE
+from omegaconf import DictConfig
 from torch import nn
 
 from stllava_med.backbone import is_lora_parameter, is_projector_parameter, unpack_bnb_cpu_weights
 from stllava_med.families import family_of
+from stllava_med.utils.config import flat_config, run_group, run_label
+from stllava_med.utils.runtime import single_console
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +151,8 @@ class LastCheckpoint(Callback):
 
     def _save(self, trainer: Trainer) -> None:
         if trainer.global_step != self._saved_step and not trainer.sanity_checking:
-            trainer.save_checkpoint(self.path)
+            # the full training state (optimizer, loops, callbacks): resuming needs it
+            trainer.save_checkpoint(self.path, weights_only=False)
             self._saved_step = trainer.global_step
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
@@ -169,21 +174,97 @@ def _under_slurm() -> bool:
     return "SLURM_JOB_ID" in os.environ and os.environ.get("SLURM_JOB_NAME") not in ("bash", "interactive")
 
 
-def build_loggers(logger_cfg: Mapping[str, Any] | None, out_dir: Path) -> list[Any]:
-    """Instantiate every entry of the ``logger`` group (``logger=[csv,tensorboard]``) into ``out_dir``."""
+class _StepDescription:
+    """Progress-bar mixin: on a step-bounded run (``trainer.max_steps > 0``) the training bar reads
+    ``Step 123/400 · epoch 36`` instead of Lightning's ``Epoch 36/-2`` (``max_epochs=-1``)."""
+
+    def _step_description(self, trainer: Trainer) -> str | None:
+        if trainer.max_steps is None or trainer.max_steps <= 0:
+            return None
+        return f"Step {trainer.global_step}/{trainer.max_steps} · epoch {trainer.current_epoch}"
+
+
+class StepRichProgressBar(_StepDescription, RichProgressBar):
+    def _get_train_description(self, current_epoch: int) -> str:
+        return self._step_description(self.trainer) or super()._get_train_description(current_epoch)
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        description = self._step_description(trainer)
+        if description and self.progress is not None and self.train_progress_bar_id is not None:
+            self.progress.update(self.train_progress_bar_id, description=description)
+
+
+class StepTQDMProgressBar(_StepDescription, TQDMProgressBar):
+    def on_train_epoch_start(self, trainer: Trainer, *args: Any) -> None:
+        super().on_train_epoch_start(trainer, *args)
+        description = self._step_description(trainer)
+        if description:
+            self.train_progress_bar.set_description(description)
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        description = self._step_description(trainer)
+        if description and not self.train_progress_bar.disable:
+            self.train_progress_bar.set_description(description, refresh=False)
+
+
+def step_progress_bar() -> Callback:
+    """The progress bar Lightning would pick (Rich when installed, else tqdm), with step-based descriptions."""
+    return StepRichProgressBar() if _RICH_AVAILABLE else StepTQDMProgressBar()
+
+
+def _is_wandb(entry: Mapping[str, Any]) -> bool:
+    return str(entry.get("_target_", "")).endswith("WandbLogger")
+
+
+def build_loggers(logger_cfg: Mapping[str, Any] | None, out_dir: Path,
+                  run_cfg: DictConfig | Mapping[str, Any] | None = None) -> list[Any]:
+    """Instantiate every entry of the ``logger`` group (``logger=[csv,tensorboard]``) into ``out_dir``.
+
+    With ``run_cfg`` (the run's config), a W&B run left without ``name`` / ``group`` is named after the run and
+    the keys its sweep set (:func:`~stllava_med.utils.config.run_label`) and grouped by sweep
+    (:func:`~stllava_med.utils.config.run_group`)."""
     loggers = []
     for name, entry in dict(logger_cfg or {}).items():
         if entry is None or "_target_" not in entry:
             continue
-        loggers.append(instantiate(entry, save_dir=str(out_dir / "logs")))
+        extra: dict[str, Any] = {}
+        if run_cfg is not None and _is_wandb(entry):
+            if not entry.get("name"):
+                extra["name"] = run_label(run_cfg)
+            if not entry.get("group"):
+                extra["group"] = run_group(run_cfg)
+        loggers.append(instantiate(entry, save_dir=str(out_dir / "logs"), **extra))
         log.debug("logger %s enabled", name)
     return loggers
 
 
+def log_run_config(loggers: Iterable[Any], run_cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
+    """Every logger records the run's resolved config, flattened (``dpo.beta``), secrets redacted: TensorBoard's
+    ``hparams.yaml`` and HParams tab, the CSV logger's ``hparams.yaml``, the W&B run config."""
+    hparams = flat_config(run_cfg)
+    for logger in loggers:
+        logger.log_hyperparams(hparams)
+    return hparams
+
+
+def close_loggers(trainer: Trainer) -> None:
+    """End the W&B run of each WandbLogger (Lightning leaves it open): its files are written now, and the next
+    job of an in-process sweep gets a run of its own instead of Lightning reattaching it to this one."""
+    for logger in trainer.loggers:
+        if type(logger).__name__ == "WandbLogger" and getattr(logger, "_experiment", None) is not None:
+            logger.experiment.finish()
+
+
 def build_trainer(trainer_cfg: Mapping[str, Any], out_dir: Path, *, logger_cfg: Mapping[str, Any] | None = None,
                   callbacks: Iterable[Callback] = (), checkpoint_every_n_steps: int | None = None,
-                  slurm_auto_requeue: bool = False) -> Trainer:
+                  slurm_auto_requeue: bool = False, run_cfg: DictConfig | Mapping[str, Any] | None = None) -> Trainer:
     """A Lightning Trainer whose checkpoints live in ``<out_dir>/checkpoints`` (``last.ckpt`` for resume).
+
+    ``run_cfg`` (the run's whole config) is logged as hyperparameters by every logger (:func:`log_run_config`).
 
     Requeueing has one owner: under submitit (our Hydra launcher) Lightning's SLURM plugin must not requeue
     too, so ``slurm_auto_requeue`` is off by default; ``scripts/slurm/*.sbatch`` turns it on for plain sbatch."""
@@ -199,13 +280,19 @@ def build_trainer(trainer_cfg: Mapping[str, Any], out_dir: Path, *, logger_cfg: 
             save_last=True, save_top_k=1, enable_version_counter=False,
             every_n_train_steps=int(checkpoint_every_n_steps)))
     all_callbacks.extend(callbacks)
-    loggers = build_loggers(logger_cfg, out_dir)
+    cfg = dict(trainer_cfg)
+    if cfg.get("enable_progress_bar", True) and int(cfg.get("max_steps") or -1) > 0:
+        all_callbacks.append(step_progress_bar())
+    single_console()  # Lightning is imported by now: its records go through the root logger only
+    loggers = build_loggers(logger_cfg, out_dir, run_cfg)
     if loggers:
         all_callbacks.append(LearningRateMonitor(logging_interval="step"))
     kwargs: dict[str, Any] = {"default_root_dir": str(out_dir), "callbacks": all_callbacks,
                               "logger": loggers if loggers else False}
     if _under_slurm():
         kwargs["plugins"] = [SLURMEnvironment(auto_requeue=slurm_auto_requeue)]
-    cfg = dict(trainer_cfg)
     cfg.setdefault("_target_", "lightning.pytorch.Trainer")
-    return instantiate(cfg, **kwargs)
+    trainer = instantiate(cfg, **kwargs)
+    if run_cfg is not None and trainer.loggers:
+        log_run_config(trainer.loggers, run_cfg)
+    return trainer

@@ -12,11 +12,14 @@ import difflib
 import logging
 import os
 import re
+import sys
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from stllava_med.utils.io import atomic_write_text, stable_hash
@@ -35,6 +38,9 @@ DEFAULT_IGNORE = (
     "trainer.log_every_n_steps",
     "progress",
     "print_table",
+    "print_summary",
+    "objective",             # what a sweeper optimises (the entry point's return value), not the run
+    "objective_direction",
 )
 
 # Environment variables whose *values* must never reach a saved config or a log line.
@@ -69,10 +75,28 @@ def conf_dir() -> str:
     return str(package / "conf")
 
 
+def config_group_options(*groups: str) -> str:
+    """One line per config group, ``  group: option, option, ...``, read from the config directory (the
+    ``--help`` templates in ``conf/hydra/help/`` list a stage's groups through the ``config_groups``
+    resolver, so a new backbone or dataset config shows up without editing them)."""
+    root = Path(conf_dir())
+    lines = []
+    for group in groups:
+        options = sorted(p.stem for p in (root / group).glob("*.yaml"))
+        if group == "hydra/launcher":
+            options = ["basic", *options]
+        elif group == "hydra/sweeper":
+            options = ["basic", "optuna (pip install -e '.[sweep]')"]
+        lines.append(f"  {group}: {', '.join(options)}")
+    return "\n".join(lines)
+
+
 def register_resolvers() -> None:
     """Idempotently register the resolvers our YAML files use."""
     if not OmegaConf.has_resolver("project_root"):
         OmegaConf.register_new_resolver("project_root", lambda: str(project_root()))
+    if not OmegaConf.has_resolver("config_groups"):
+        OmegaConf.register_new_resolver("config_groups", config_group_options)
 
 
 register_resolvers()
@@ -161,6 +185,93 @@ def save_config(cfg: DictConfig, out_dir: Path, name: str = "config.yaml") -> Pa
     assert isinstance(container, dict)
     container.pop("hydra", None)
     return atomic_write_text(out_dir / name, OmegaConf.to_yaml(OmegaConf.create(redact(container))))
+
+
+def flat_config(cfg: DictConfig | Mapping[str, Any], sep: str = ".") -> dict[str, Any]:
+    """The resolved config as ``{"dpo.beta": 0.1, ...}``: secrets redacted and the Hydra section dropped, as
+    :func:`save_config` writes it; what the entry points log as a run's hyperparameters."""
+    if isinstance(cfg, DictConfig):
+        container = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
+    else:
+        container = dict(cfg)
+    assert isinstance(container, dict)
+    container.pop("hydra", None)
+    flat: dict[str, Any] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict) and node:
+            for key, value in node.items():
+                walk(value, f"{prefix}{key}{sep}")
+        else:
+            flat[prefix[: -len(sep)]] = node
+
+    walk(redact(container), "")
+    return flat
+
+
+def logger_names(logger_cfg: Mapping[str, Any] | None) -> list[str]:
+    """The enabled entries of a ``logger`` group selection (``logger=[csv,tensorboard]`` -> csv, tensorboard)."""
+    return [str(name) for name, entry in dict(logger_cfg or {}).items()
+            if isinstance(entry, Mapping | DictConfig) and "_target_" in entry]
+
+
+def _override_key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def _swept_keys() -> set[str]:
+    """Keys this Hydra multirun sweeps: sweep overrides on the command line (``dpo.beta=0.1,0.5``,
+    ``interval(0.05,0.5)``) and the sweeper's own ``params``. Empty outside a multirun, and where the job runs
+    in another process than the one that parsed the command line (submitit), which falls back to the job's
+    overrides."""
+    try:
+        hydra_cfg = HydraConfig.get()
+    except ValueError:
+        return set()
+    if hydra_cfg.mode != RunMode.MULTIRUN:
+        return set()
+    keys = {str(k) for k in (hydra_cfg.sweeper.get("params") or {})}
+    parser = OverridesParser.create()
+    for arg in sys.argv[1:]:
+        if arg.startswith("-") or "=" not in arg:
+            continue
+        try:
+            override = parser.parse_override(arg)
+        except Exception:  # not an override (a value of a flag, say)
+            continue
+        if override.is_sweep_override():
+            keys.add(override.get_key_element().lstrip("+~"))
+    return keys
+
+
+def run_label(cfg: DictConfig | Mapping[str, Any], max_len: int = 128) -> str:
+    """A run's display name for experiment trackers: ``run_name`` plus the keys the sweep set in this job
+    (``dpo-tiny dpo.beta=0.27``); outside a sweep, the command line's overrides of result-affecting keys."""
+    name = str(cfg.get("run_name") or "run")
+    try:
+        task = [str(o) for o in HydraConfig.get().overrides.task]
+    except ValueError:  # not under @hydra.main
+        return name[:max_len]
+    swept = _swept_keys()
+    ignore = (*DEFAULT_IGNORE, *[str(k) for k in (cfg.get("run_dir_ignore") or [])])
+    if swept:
+        shown = [o for o in task if _override_key(o) in swept]
+    else:
+        shown = [o for o in task if not any(_override_key(o) == k or _override_key(o).startswith(f"{k}.")
+                                            for k in ignore)]
+    return (f"{name} {' '.join(shown)}" if shown else name)[:max_len]
+
+
+def run_group(cfg: DictConfig | Mapping[str, Any]) -> str:
+    """The experiment-tracker group of a run: the multirun's sweep directory name (every job of one sweep
+    together), else ``run_name``."""
+    try:
+        hydra_cfg = HydraConfig.get()
+        if hydra_cfg.mode == RunMode.MULTIRUN:
+            return Path(str(hydra_cfg.sweep.dir)).name
+    except ValueError:
+        pass
+    return str(cfg.get("run_name") or "run")
 
 
 def hydra_output_dir() -> Path | None:

@@ -1,4 +1,5 @@
-"""What every Hydra entry point does first: threads, seed, run directory; and the record it leaves at the end.
+"""What every Hydra entry point does first: threads, seed, run directory, a readable console; and what it does
+last: the record in the Hydra job directory, the summary table, the objective a sweeper optimises.
 
 Torch-free, so that entry points import it at start-up (torch and Lightning load inside :func:`start_run`).
 """
@@ -6,21 +7,127 @@ Torch-free, so that entry points import it at start-up (torch and Lightning load
 from __future__ import annotations
 
 import logging
+import math
 import os
+import re
+import sys
+import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, ListConfig
 
 from stllava_med.utils.config import hydra_output_dir, resolve_out_dir, save_config, setup_torch_threads
-from stllava_med.utils.io import atomic_write_json
+from stllava_med.utils.io import atomic_write_json, load_json
 
 log = logging.getLogger("stllava_med")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# A console a researcher reads
+# --------------------------------------------------------------------------------------------------------------
+
+# Library warnings known to be harmless here, silenced at their source by exact message (nothing else from
+# these libraries is hidden). Each entry: (category, message regex, why it is harmless).
+KNOWN_WARNINGS: tuple[tuple[type[Warning], str, str], ...] = (
+    (FutureWarning, r"`is_gradient_checkpointing` is deprecated",
+     "peft reads the deprecated transformers property; nothing of ours calls it"),
+    (FutureWarning, r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+     "Lightning's pytree helper against torch 2.13; fixed upstream, no effect on results"),
+    (UserWarning, r"Your `IterableDataset` has `__len__` defined",
+     "our preference IterableDataset's __len__ is exact under multi-worker loading (equal disjoint slots)"),
+)
+
+# Library log records known to be noise, by logger name and message regex (logging, not warnings).
+KNOWN_LOG_NOISE: tuple[tuple[str, str, str], ...] = (
+    ("transformers.utils.import_utils", r"requires torchvision \(not installed\); falling back to `\w+Pil`",
+     "the project has no torchvision on purpose (families/processor_loading.py); the Pil classes are used"),
+    ("bitsandbytes.backends.cpu.ops", r"^Failed to load CPU gemm_4bit_forward from kernels-community",
+     "the optional `kernels` package only speeds up 4-bit matmuls on CPU; bitsandbytes falls back"),
+    ("lightning.pytorch.utilities.rank_zero", r"^💡 Tip: For seamless cloud logging",
+     "an advertisement Lightning prints for every Trainer"),
+)
+
+
+class _DropMessages(logging.Filter):
+    def __init__(self, patterns: list[str]) -> None:
+        super().__init__()
+        self.patterns = [re.compile(p) for p in patterns]
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(p.search(message) for p in self.patterns)
+
+
+def quiet_known_noise() -> None:
+    """Silence the library warnings and log lines listed in :data:`KNOWN_WARNINGS` / :data:`KNOWN_LOG_NOISE`
+    (idempotent; called by :func:`start_run` and the pipeline, before any library is imported)."""
+    for category, message, _why in KNOWN_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category)
+    by_logger: dict[str, list[str]] = {}
+    for name, message, _why in KNOWN_LOG_NOISE:
+        by_logger.setdefault(name, []).append(message)
+    for name, patterns in by_logger.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropMessages) for f in logger.filters):
+            logger.addFilter(_DropMessages(patterns))
+
+
+def single_console() -> None:
+    """Every log line once. Lightning gives its ``lightning`` logger a console handler of its own (``INFO: ...``)
+    and lets records propagate to the root logger too, where Hydra's handler prints them a second time. Where the
+    root logger has handlers (Hydra's job logging, pytest), Lightning's own console handlers go and its records
+    reach the console, and the job's log file, through the root logger only."""
+    if not logging.getLogger().handlers:
+        return
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logger = logging.getLogger(name)
+        for handler in list(logger.handlers):
+            if type(handler) is logging.StreamHandler and handler.stream in (sys.stderr, sys.stdout):
+                logger.removeHandler(handler)
+        logger.propagate = True
+
+
+def _format_value(value: Any) -> str:
+    if isinstance(value, bool) or value is None:
+        return str(value)
+    if isinstance(value, float):
+        if math.isnan(value) or math.isinf(value):
+            return str(value)
+        return f"{value:.4g}" if abs(value) < 1e5 else f"{value:.6g}"
+    return str(value)
+
+
+def summary_table(title: str, rows: Mapping[str, Any]) -> str:
+    """``title`` and an aligned two-column ``key | value`` table (None values left out)."""
+    items = [(str(k), _format_value(v)) for k, v in rows.items() if v is not None]
+    if not items:
+        return title
+    width = max(len("key"), *(len(k) for k, _ in items))
+    value_width = max(len("value"), *(len(v) for _, v in items))
+    lines = [title, f"  {'key':<{width}} | value", f"  {'-' * width}-+-{'-' * value_width}"]
+    lines += [f"  {k:<{width}} | {v}" for k, v in items]
+    return "\n".join(lines)
+
+
+def print_summary(title: str, rows: Mapping[str, Any]) -> None:
+    """Print :func:`summary_table` to stdout (after the stage's log lines, flushed first)."""
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    print(f"\n{summary_table(title, rows)}", flush=True)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Start and finish
+# --------------------------------------------------------------------------------------------------------------
 
 
 def start_run(cfg: DictConfig, stage: str) -> Path:
     """Resolve and create the run directory, save the resolved config, seed, cap threads."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    quiet_known_noise()
     setup_torch_threads(cfg.get("num_threads"))
     out_dir = resolve_out_dir(cfg, stage)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -30,6 +137,7 @@ def start_run(cfg: DictConfig, stage: str) -> Path:
         from lightning.pytorch import seed_everything
 
         seed_everything(int(seed), workers=True, verbose=False)
+    single_console()
     log.info("%s: run directory %s", stage, out_dir)
     return out_dir
 
@@ -41,3 +149,59 @@ def finish_run(out_dir: Path, stage: str, summary: dict[str, Any]) -> None:
     info = {"stage": stage, "out_dir": str(out_dir), **summary}
     if job_dir is not None and job_dir.resolve() != out_dir.resolve():
         atomic_write_json(job_dir / "run_info.json", info)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The objective (what an entry point returns to Hydra's sweeper)
+# --------------------------------------------------------------------------------------------------------------
+
+
+class MissingObjective(KeyError):
+    """``objective`` names a metric this run does not have."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0])
+
+
+def _sweeper_direction() -> str | None:
+    """``minimize`` / ``maximize`` when the sweeper has a single direction (Optuna), else None."""
+    try:
+        direction = HydraConfig.get().sweeper.get("direction")
+    except ValueError:  # not under @hydra.main
+        return None
+    if direction is None or isinstance(direction, ListConfig | list):
+        return None
+    return str(direction).rsplit(".", 1)[-1]  # Direction.maximize -> maximize
+
+
+def objective(cfg: DictConfig, stage: str, metrics: Mapping[str, Any]) -> float | None:
+    """The value of ``cfg.objective`` among ``metrics`` (flat ``{"val/loss": 0.5, ...}``), the float an entry
+    point returns so that a Hydra sweeper (``hydra/sweeper=optuna``) can optimise it; None when
+    ``objective: null``. Also written into the job's ``run_info.json``.
+
+    A name this run lacks raises :class:`MissingObjective` listing the names it has. Optuna's direction lives
+    in the sweeper config (``hydra.sweeper.direction=maximize``); a sweep whose direction disagrees with
+    ``objective_direction`` gets a warning."""
+    key = cfg.get("objective")
+    if key is None:
+        return None
+    key = str(key)
+    numbers = {str(k): v for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+    if key not in numbers:
+        raise MissingObjective(
+            f"{stage}: objective={key!r} is not a metric of this run (its results are written; only the "
+            f"objective is missing). Available: {', '.join(sorted(numbers)) or 'none'}. Set objective=<one of "
+            "them>, or objective=null to return nothing.")
+    value = float(numbers[key])
+    wanted = str(cfg.get("objective_direction") or "")
+    direction = _sweeper_direction()
+    if wanted and direction and direction != wanted:
+        log.warning("%s: the sweeper will %s %s, but objective_direction is %s: pass "
+                    "hydra.sweeper.direction=%s", stage, direction, key, wanted, wanted)
+    log.info("%s: objective %s = %.6g%s", stage, key, value, f" ({wanted})" if wanted else "")
+    job_dir = hydra_output_dir()
+    info_path = job_dir / "run_info.json" if job_dir is not None else None
+    if info_path is not None and info_path.is_file():
+        atomic_write_json(info_path, {**load_json(info_path),
+                                      "objective": {"key": key, "value": value, "direction": wanted or None}})
+    return value
