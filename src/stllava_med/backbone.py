@@ -225,10 +225,7 @@ def apply_lora(model: nn.Module, settings: LoraSettings, *, gradient_checkpointi
         raise
     matched = sum(1 for n, _ in peft_model.named_modules() if n.endswith("lora_A"))
     if matched == 0:
-        raise ValueError(
-            f"LoRA target regex {settings.target_regex()!r} matched no module; set backbone.lora.target_modules "
-            "for this model family"
-        )
+        raise ValueError(hint)
     if settings.vision and not any(family.is_vision_parameter(n) and "lora_A" in n
                                    for n, _ in peft_model.named_parameters()):
         raise ValueError(f"backbone.lora.vision=true but the vision target regex {settings.vision_target_modules!r} "

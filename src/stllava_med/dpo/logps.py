@@ -174,8 +174,7 @@ class LogProbs:
             return list(self.project(vision_features))
         extras = dict(batch.get("image_extra") or {})
         dtype = next(self.vision_module.parameters()).dtype
-        with torch.set_grad_enabled(torch.is_grad_enabled()):
-            out = self.core.get_image_features(pixel_values=pixel_values.to(dtype), **extras, return_dict=True)
+        out = self.core.get_image_features(pixel_values=pixel_values.to(dtype), **extras, return_dict=True)
         pooled = getattr(out, "pooler_output", out)
         if isinstance(pooled, torch.Tensor):
             pooled = list(pooled)
