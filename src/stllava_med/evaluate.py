@@ -14,11 +14,12 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from stllava_med.data.vqa import dataset_specs, load_vqa
+from stllava_med.schema import EvalSettings
 from stllava_med.utils import config as _config  # noqa: F401  (registers resolvers)
+from stllava_med.utils.config import stage_main
 from stllava_med.utils.io import atomic_write_json, atomic_write_text
 from stllava_med.utils.runtime import finish_run, objective, print_summary, start_run
 
@@ -35,7 +36,8 @@ def run_evaluate(cfg: DictConfig, out_dir: Path | None = None) -> dict[str, Any]
     from stllava_med.eval.vqa import evaluate_dataset, markdown_table
 
     out_dir = out_dir or start_run(cfg, "evaluate")
-    specs = dataset_specs(cfg.data)
+    specs = dataset_specs(cfg.data.sets)
+    settings = EvalSettings.from_config(OmegaConf.to_container(cfg.eval, resolve=True))
     loaded = {}
     for name, spec in specs.items():  # load (and validate) every dataset before spending time on a model
         records, report = load_vqa(spec)
@@ -49,8 +51,8 @@ def run_evaluate(cfg: DictConfig, out_dir: Path | None = None) -> dict[str, Any]
     for name, (records, report) in loaded.items():
         results[name] = evaluate_dataset(
             backbone, records, fmt, out_dir / name, name=name,
-            batch_size=int(cfg.eval.batch_size), max_new_tokens=int(cfg.eval.max_new_tokens),
-            on_bad_image=str(cfg.eval.get("on_bad_image", "error")), progress=bool(cfg.eval.get("progress", True)),
+            batch_size=settings.batch_size, max_new_tokens=settings.max_new_tokens,
+            on_bad_image=settings.on_bad_image, progress=settings.progress,
             extra={"load_report": report.to_json(), "backbone": backbone.name_or_path},
         )
     atomic_write_json(out_dir / "metrics.json", results)
@@ -87,7 +89,7 @@ def objective_metrics(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return flat
 
 
-@hydra.main(version_base="1.3", config_path=_config.conf_dir(), config_name="evaluate")
+@stage_main("evaluate")
 def main(cfg: DictConfig) -> float | None:
     results = run_evaluate(cfg)
     return objective(cfg, "evaluate", objective_metrics(results))

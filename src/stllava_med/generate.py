@@ -16,11 +16,11 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from stllava_med.data.vqa import dataset_specs, load_vqa
 from stllava_med.utils import config as _config  # noqa: F401  (registers resolvers)
+from stllava_med.utils.config import stage_main
 from stllava_med.utils.io import atomic_write_json
 from stllava_med.utils.runtime import finish_run, print_summary, start_run
 
@@ -44,7 +44,7 @@ def image_tasks(cfg: DictConfig, settings: Any) -> tuple[list[Any], dict[str, An
         raise ValueError("generate.images lists unlabelled images; generate.question_source=dataset takes its "
                          "questions and images from data=<labelled VQA set> instead")
     records, reports = [], {}
-    for name, spec in dataset_specs(cfg.data).items():
+    for name, spec in dataset_specs(cfg.data.sets).items():
         loaded, report = load_vqa(spec)
         records.extend(loaded)
         reports[name] = report.to_json()
@@ -93,7 +93,7 @@ def summary_rows(summary: dict[str, Any]) -> dict[str, Any]:
             "images/s this run": this_run.get("images_per_s") or None}
 
 
-@hydra.main(version_base="1.3", config_path=_config.conf_dir(), config_name="generate")
+@stage_main("generate")
 def main(cfg: DictConfig) -> None:
     run_generate(cfg)
 

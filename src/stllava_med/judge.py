@@ -19,15 +19,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from stllava_med.schema import JudgeRunSettings
 from stllava_med.selftrain.judge import JudgeSettings, judge_candidates
 from stllava_med.selftrain.pairs import PairSettings, build_pairs, write_shards
 from stllava_med.selftrain.records import load_candidates
 from stllava_med.selftrain.store import JudgementStore
 from stllava_med.utils import config as _config  # noqa: F401  (registers resolvers)
-from stllava_med.utils.config import resolve_out_dir, save_config
+from stllava_med.utils.config import resolve_out_dir, save_config, stage_main
 from stllava_med.utils.io import atomic_write_json
 from stllava_med.utils.runtime import finish_run, print_summary, quiet_known_noise
 
@@ -53,6 +53,11 @@ def build_expert(expert_cfg: Mapping[str, Any], *, seed: int = 0) -> Any:
     cfg = dict(expert_cfg)
     _forbid_inline_secrets(cfg)
     kind = str(cfg.get("kind", cfg.get("name")))
+
+    def need(key: str) -> Any:  # conf/expert/<kind>.yaml is where an expert's defaults live
+        if key not in cfg:
+            raise ValueError(f"expert.{key} is missing: expert=<kind> configs (conf/expert/{kind}.yaml) set it")
+        return cfg[key]
     if kind == "openai":
         from stllava_med.selftrain.experts.openai_expert import OpenAIExpert
 
@@ -67,16 +72,16 @@ def build_expert(expert_cfg: Mapping[str, Any], *, seed: int = 0) -> Any:
             log.info("judge: %s is not set; sending a placeholder key to %s", env, cfg["base_url"])
             api_key = "EMPTY"  # vLLM / SGLang / Ollama without --api-key accept any key
         return OpenAIExpert(
-            model=str(cfg["model"]), api_key=api_key, base_url=cfg.get("base_url"),
-            temperature=float(cfg.get("temperature", 0.2)), max_tokens=int(cfg.get("max_tokens", 400)),
-            timeout_s=float(cfg.get("timeout_s", 60)), response_format=str(cfg.get("response_format", "json_schema")),
+            model=str(need("model")), api_key=api_key, base_url=cfg.get("base_url"),
+            temperature=float(need("temperature")), max_tokens=int(need("max_tokens")),
+            timeout_s=float(need("timeout_s")), response_format=str(need("response_format")),
             image_detail=cfg.get("image_detail"), max_image_side=cfg.get("max_image_side"),
-            image_tokens_estimate=int(cfg.get("image_tokens_estimate", 765)), seed=seed,
+            image_tokens_estimate=int(need("image_tokens_estimate")), seed=seed,
         )
     if kind == "reference":
         from stllava_med.selftrain.experts.reference import ReferenceExpert
 
-        return ReferenceExpert(closed_match=str(cfg.get("closed_match", "strict")))
+        return ReferenceExpert(closed_match=str(need("closed_match")))
     if kind == "hf_local":
         from stllava_med.backbone import load_backbone, pick_device
         from stllava_med.chat import ChatFormat
@@ -89,8 +94,8 @@ def build_expert(expert_cfg: Mapping[str, Any], *, seed: int = 0) -> Any:
         if not backbone_cfg.get("quantization"):
             backbone.model.to(pick_device(cfg.get("device")))
         return HFLocalExpert(backbone, ChatFormat.from_config(backbone_cfg.get("chat")),
-                             max_new_tokens=int(cfg.get("max_tokens", 400)),
-                             retry_temperature=float(cfg.get("retry_temperature", 0.7)), seed=seed)
+                             max_new_tokens=int(need("max_tokens")),
+                             retry_temperature=float(need("retry_temperature")), seed=seed)
     raise ValueError(f"unknown expert kind {kind!r}; expected one of {EXPERT_KINDS}")
 
 
@@ -113,16 +118,15 @@ def run_judge(cfg: DictConfig, out_dir: Path | None = None) -> dict[str, Any]:
     expert_cfg = OmegaConf.to_container(cfg.expert, resolve=True)
     assert isinstance(expert_cfg, dict)
     _forbid_inline_secrets(expert_cfg)
-    judge_cfg = dict(cfg.get("judge") or {})
+    run_settings = JudgeRunSettings.from_config(OmegaConf.to_container(cfg.judge, resolve=True))
     settings = JudgeSettings.from_config(expert_cfg, seed=int(cfg.get("seed") or 0),
-                                         retry_failed=str(judge_cfg.get("retry_failed", "transient")),
-                                         progress=bool(judge_cfg.get("progress", True)))
+                                         retry_failed=run_settings.retry_failed, progress=run_settings.progress)
     pair_settings = PairSettings.from_config(cfg.get("pairs"))
     started = time.perf_counter()
     # everything that can fail on bad input fails before the run directory exists
     candidates = load_candidates(str(cfg.candidates))
-    if judge_cfg.get("limit"):
-        candidates = candidates[: int(judge_cfg["limit"])]
+    if run_settings.limit:
+        candidates = candidates[: int(run_settings.limit)]
     if not candidates:
         raise ValueError(f"judge: no candidates in {cfg.candidates}")
     if expert_cfg.get("kind") == "reference" and all(c.reference_answer is None for c in candidates):
@@ -133,7 +137,7 @@ def run_judge(cfg: DictConfig, out_dir: Path | None = None) -> dict[str, Any]:
     log.info("judge: %d candidates from %s", len(candidates), cfg.candidates)
     store_path = out_dir / "judgements.sqlite"
     stats, keys = judge_candidates(candidates, expert, store_path, settings,
-                                   synchronous=str(judge_cfg.get("store_synchronous", "NORMAL")))
+                                   synchronous=run_settings.store_synchronous)
 
     with JudgementStore(store_path) as store:
         by_key = {j.key: j for j in store.judgements(set(keys.values()))}
@@ -179,7 +183,7 @@ def summary_rows(summary: dict[str, Any]) -> dict[str, Any]:
             "preference shards": str(Path(summary["store"]).parent / "preference")}
 
 
-@hydra.main(version_base="1.3", config_path=_config.conf_dir(), config_name="judge")
+@stage_main("judge")
 def main(cfg: DictConfig) -> None:
     run_judge(cfg)
 

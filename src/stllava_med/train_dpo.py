@@ -19,11 +19,11 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from stllava_med.schema import DPOSettings, OptimSettings, PreferenceDataSettings
 from stllava_med.utils import config as _config  # noqa: F401  (registers resolvers)
-from stllava_med.utils.config import logger_names
+from stllava_med.utils.config import stage_main
 from stllava_med.utils.io import atomic_write_json
 from stllava_med.utils.runtime import finish_run, objective, print_summary, start_run
 
@@ -51,12 +51,13 @@ def build_reference(cfg: DictConfig, backbone: Any, datamodule: Any) -> Any:
         reference_fingerprint,
     )
 
-    mode = str(cfg.dpo.reference)
+    dpo = DPOSettings.from_config(_container(cfg.dpo))
+    mode = dpo.reference
     if mode not in REFERENCE_MODES:
         raise ValueError(f"dpo.reference must be one of {REFERENCE_MODES}, not {mode!r}")
-    prefix_sharing = bool(cfg.dpo.get("prefix_sharing", True))
+    prefix_sharing = dpo.prefix_sharing
     backbone_cfg = _container(cfg.backbone)
-    reference_path = str(cfg.dpo.get("reference_path") or backbone_cfg["name_or_path"])
+    reference_path = str(dpo.reference_path or backbone_cfg["name_or_path"])
 
     def copy_reference() -> CopyReference:
         ref_cfg = {**backbone_cfg, "name_or_path": reference_path, "adapter_path": None}
@@ -64,13 +65,13 @@ def build_reference(cfg: DictConfig, backbone: Any, datamodule: Any) -> Any:
         return CopyReference(load_backbone(ref_cfg, with_lora=False).model, prefix_sharing=prefix_sharing)
 
     if mode == "adapter_off":
-        if cfg.dpo.get("reference_path"):
+        if dpo.reference_path:
             raise ValueError("dpo.reference_path is for copy / precomputed (source=copy); adapter_off uses the base")
         return AdapterOffReference(backbone.model, prefix_sharing=prefix_sharing)
     if mode == "copy":
         return copy_reference()
 
-    source_mode = str(cfg.dpo.get("precompute_source", "adapter_off"))
+    source_mode = dpo.precompute_source
     if source_mode == "adapter_off":
         source: Any = AdapterOffReference(backbone.model, prefix_sharing=prefix_sharing)
         weights_path = str(backbone_cfg["name_or_path"])
@@ -79,7 +80,9 @@ def build_reference(cfg: DictConfig, backbone: Any, datamodule: Any) -> Any:
         weights_path = reference_path
     else:
         raise ValueError(f"dpo.precompute_source must be adapter_off or copy, not {source_mode!r}")
-    root = Path(str(cfg.dpo.reference_cache_dir))
+    if not dpo.reference_cache_dir:
+        raise ValueError("dpo.reference=precomputed needs dpo.reference_cache_dir (where the log-probs are cached)")
+    root = Path(str(dpo.reference_cache_dir))
     load_settings = {k: backbone_cfg.get(k) for k in ("dtype", "quantization", "bnb_compute_dtype", "attn_implementation")}
     fingerprint = reference_fingerprint(weights_path, settings=load_settings,
                                         model=getattr(source, "model", None) or backbone.model,
@@ -87,104 +90,52 @@ def build_reference(cfg: DictConfig, backbone: Any, datamodule: Any) -> Any:
     cache = ReferenceCache(root, data_fingerprint=datamodule.data_fingerprint, reference=fingerprint,
                            processor=processor_fingerprint(datamodule.processor, datamodule.fmt),
                            max_length=datamodule.settings.max_length)
-    batch_size = int(cfg.dpo.get("precompute_batch_size") or datamodule.settings.val_batch_size
+    batch_size = int(dpo.precompute_batch_size or datamodule.settings.val_batch_size
                      or datamodule.settings.batch_size)
     return PrecomputedReference(
         cache, source, datamodule.digests,
         lambda ids, rank, world: datamodule.reference_batches(ids, rank=rank, world_size=world, batch_size=batch_size),
-        batch_size=batch_size, progress=bool(cfg.data.get("progress", True)),
+        batch_size=batch_size, progress=datamodule.settings.progress,
     )
-
-
-def _scalars(metrics: dict[str, Any], prefix: str) -> dict[str, float]:
-    out = {}
-    for key, value in metrics.items():
-        if key.startswith(prefix):
-            name = key[len(prefix):]
-            name = name[: -len("_epoch")] if name.endswith("_epoch") else name
-            if name.endswith("_step"):
-                continue
-            out[name] = float(value)
-    return dict(sorted(out.items()))
 
 
 def run_train_dpo(cfg: DictConfig, *, callbacks: Iterable[Any] = (), out_dir: Path | None = None) -> dict[str, Any]:
     """Train, validate, export. Returns (and writes to ``<out_dir>/metrics.json``) the final metrics.
 
     ``callbacks`` are extra Lightning callbacks (tests use one to simulate a crash)."""
-    from stllava_med.backbone import export_merged, has_bnb_layers, load_backbone
+    from stllava_med.backbone import load_backbone
     from stllava_med.chat import ChatFormat
     from stllava_med.data.pairs.datamodule import PreferenceDataModule
-    from stllava_med.data.pairs.settings import PreferenceDataSettings
-    from stllava_med.dpo.module import DPOModule, DPOSettings
-    from stllava_med.training import BnbCpuGuard, build_trainer, close_loggers, resume_checkpoint
+    from stllava_med.dpo.module import DPOModule
+    from stllava_med.stage import fit_and_export
 
     out_dir = out_dir or start_run(cfg, "dpo")
     settings = DPOSettings.from_config(_container(cfg.dpo))
+    optim = OptimSettings.from_config(_container(cfg.optim))
+    data_settings = PreferenceDataSettings.from_config(_container(cfg.data))
     backbone_cfg = _container(cfg.backbone)
-    backbone = load_backbone(backbone_cfg, with_lora=True,
-                             gradient_checkpointing=bool(cfg.dpo.get("gradient_checkpointing", False)))
+    backbone = load_backbone(backbone_cfg, with_lora=True, gradient_checkpointing=settings.gradient_checkpointing)
     fmt = ChatFormat.from_config(backbone_cfg.get("chat"))
-    data_settings = PreferenceDataSettings.from_config(_container(cfg.data), seed=int(cfg.get("seed") or 0))
     datamodule = PreferenceDataModule(data_settings, backbone.processor, fmt, out_dir=out_dir)
     datamodule.setup("fit")  # the scan decides the pairs, and the precomputed reference is keyed by them
     reference = build_reference(cfg, backbone, datamodule)
-    projector_modules = list((backbone_cfg.get("lora") or {}).get("projector_modules") or []) or None
-    module = DPOModule(backbone.model, reference, settings, _container(cfg.optim), projector_modules=projector_modules)
-
-    all_callbacks = list(callbacks)
-    if has_bnb_layers(backbone.model):
-        all_callbacks.insert(0, BnbCpuGuard())
-    logger_cfg = _container(cfg.get("logger"))
-    trainer = build_trainer(_container(cfg.trainer), out_dir, logger_cfg=logger_cfg,
-                            callbacks=all_callbacks,
-                            checkpoint_every_n_steps=cfg.get("checkpoint_every_n_steps"),
-                            slurm_auto_requeue=bool(cfg.get("slurm_auto_requeue", False)), run_cfg=cfg)
-    ckpt = resume_checkpoint(out_dir)
-    if ckpt:
-        log.info("resuming from %s", ckpt)
-    if ckpt and (out_dir / "metrics.json").is_file():
-        # the logger is not part of the run directory's hash: logger=wandb on a finished run lands here
-        log.warning("dpo: %s is complete (metrics.json): training resumes at its last step, so no training "
-                    "metric is logged%s; validation and the export run again. To train and log anew, "
-                    "give the run another directory: out_dir=<elsewhere>", out_dir,
-                    f" to logger={','.join(logger_names(logger_cfg))}" if logger_names(logger_cfg) else "")
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
-    train_metrics = _scalars(dict(trainer.callback_metrics), "train/")
-    val_metrics: dict[str, float] = {}
-    if datamodule.val_entries:
-        results = trainer.validate(module, datamodule=datamodule, verbose=False)
-        val_metrics = _scalars(results[0] if results else {}, "val/")
-    close_loggers(trainer)
-
-    export: dict[str, Any] = {}
-    if trainer.is_global_zero:
-        adapter_dir, merged_dir = out_dir / "adapter", out_dir / "merged"
-        if cfg.get("export", {}).get("merged", True):
-            try:
-                export_merged(backbone.model, backbone.processor, merged_dir, adapter_dir=adapter_dir)
-                export = {"adapter": str(adapter_dir), "merged": str(merged_dir)}
-            except ValueError as err:  # a 4-bit base cannot be merged here; the adapter was saved
-                log.warning("merged export skipped: %s", err)
-                export = {"adapter": str(adapter_dir), "merged": None, "merged_skipped": str(err)}
-        else:
-            backbone.model.save_pretrained(adapter_dir)
-            backbone.processor.save_pretrained(adapter_dir)
-            export = {"adapter": str(adapter_dir), "merged": None}
+    module = DPOModule(backbone.model, reference, settings, optim, projector_modules=optim.projector_modules)
+    result = fit_and_export(cfg, "dpo", module, datamodule, model=backbone.model, processor=backbone.processor,
+                            out_dir=out_dir, callbacks=callbacks, validate=bool(datamodule.val_entries))
     summary = {
-        "train": train_metrics, "val": val_metrics, "global_step": int(trainer.global_step),
-        "batches_per_epoch": int(trainer.num_training_batches), "reference": str(cfg.dpo.reference),
+        "train": result.train, "val": result.val, "global_step": result.global_step,
+        "batches_per_epoch": result.batches_per_epoch, "reference": settings.reference,
         "pairs": {"train": len(datamodule.train_entries), "val": len(datamodule.val_entries),
                   "skipped": datamodule.summary["scan"]["skipped"]},
-        "export": export,
+        "export": result.export, "fit_seconds": result.fit_seconds, "resumed_from": result.resumed_from,
     }
     if getattr(reference, "computed", None) is not None:
         summary["reference_cache"] = {"dir": str(reference.cache.dir), "computed_now": reference.computed}
-    if trainer.is_global_zero:
+    if result.is_global_zero:
         atomic_write_json(out_dir / "metrics.json", summary)
         finish_run(out_dir, "dpo", {"metrics": summary})
-        log.info("dpo: done, step %d, %s", trainer.global_step, _headline(val_metrics or train_metrics,
-                                                                          "val" if val_metrics else "train"))
+        log.info("dpo: done, step %d, %s", result.global_step, _headline(result.val or result.train,
+                                                                         "val" if result.val else "train"))
         if cfg.get("print_summary", True):
             print_summary(f"train_dpo — {out_dir}", summary_rows(summary))
     return summary
@@ -218,7 +169,7 @@ def objective_metrics(summary: dict[str, Any]) -> dict[str, float]:
     return {f"{split}/{k}": v for split in ("train", "val") for k, v in (summary.get(split) or {}).items()}
 
 
-@hydra.main(version_base="1.3", config_path=_config.conf_dir(), config_name="dpo")
+@stage_main("dpo")
 def main(cfg: DictConfig) -> float | None:
     summary = run_train_dpo(cfg)
     return objective(cfg, "dpo", objective_metrics(summary))

@@ -14,17 +14,16 @@ same command resumes an interrupted run, or returns the summary of a finished on
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from stllava_med.data.vqa import dataset_specs
+from stllava_med.schema import OptimSettings, SFTData, SFTSettings
 from stllava_med.utils import config as _config  # noqa: F401  (registers resolvers)
-from stllava_med.utils.config import logger_names
+from stllava_med.utils.config import logger_names, stage_main
 from stllava_med.utils.io import atomic_write_json, load_json
 from stllava_med.utils.runtime import finish_run, objective, print_summary, start_run
 
@@ -48,23 +47,21 @@ def _finished_summary(out_dir: Path) -> dict[str, Any] | None:
     summary = load_json(path)
     if summary.get("status") != "complete":
         return None
-    merged = summary.get("merged_dir")
+    merged = (summary.get("export") or {}).get("merged")
     if merged and not (Path(merged) / "config.json").is_file():
         return None  # the export went missing: run the (already trained) export again
     return summary
 
 
-def load_sft_records(data_cfg: Any) -> tuple[list[Any], dict[str, Any]]:
-    """Every selected dataset as conversations, plus the loaders' reports."""
+def load_sft_records(data: SFTData) -> tuple[list[Any], dict[str, Any]]:
+    """Every selected dataset (``data.sets``) as conversations, plus the loaders' reports."""
     from stllava_med.data.instruct import check_unique, load_conversations
 
-    data = _plain(data_cfg)
     records: list[Any] = []
     reports: dict[str, Any] = {}
-    for name, spec in dataset_specs(data).items():
+    for name, spec in dataset_specs(data.sets).items():
         conversations, report = load_conversations(
-            name, spec, vqa_grouping=str(data.get("vqa_grouping", "image")),
-            max_qa_per_conversation=data.get("max_qa_per_conversation"))
+            name, spec, vqa_grouping=data.vqa_grouping, max_qa_per_conversation=data.max_qa_per_conversation)
         reports[name] = {**report.to_json(), "conversations": len(conversations),
                          "pairs": sum(c.n_pairs for c in conversations)}
         log.info("%s: %d conversations, %d question/answer pairs", name, len(conversations),
@@ -94,7 +91,7 @@ def run_train_sft(cfg: DictConfig, *, callbacks: Sequence[Any] = ()) -> dict[str
     """Train stage 1 from ``cfg`` (composed ``conf/sft.yaml``) and export; returns the run summary.
 
     ``callbacks`` are extra Lightning callbacks (tests use one to interrupt a run)."""
-    from stllava_med.backbone import export_merged, has_bnb_layers, load_backbone
+    from stllava_med.backbone import load_backbone
     from stllava_med.chat import ChatFormat
     from stllava_med.data.sft_datamodule import (
         SFTDataModule,
@@ -102,8 +99,8 @@ def run_train_sft(cfg: DictConfig, *, callbacks: Sequence[Any] = ()) -> dict[str
         split_and_select,
         write_selection,
     )
-    from stllava_med.sft.module import SFTModule, SFTOptimSettings
-    from stllava_med.training import BnbCpuGuard, build_trainer, close_loggers, resume_checkpoint
+    from stllava_med.sft.module import SFTModule
+    from stllava_med.stage import fit_and_export
 
     out_dir = start_run(cfg, STAGE)
     finished = _finished_summary(out_dir)
@@ -119,75 +116,44 @@ def run_train_sft(cfg: DictConfig, *, callbacks: Sequence[Any] = ()) -> dict[str
             print_summary(f"train_sft — {out_dir} (finished before)", summary_rows(finished))
         return finished
 
-    data = _plain(cfg.data)
-    sft = _plain(cfg.sft)
-    records, reports = load_sft_records(cfg.data)
-    train, val = split_and_select(records, fraction=float(data.get("fraction", 1.0)),
-                                  fraction_seed=int(data.get("fraction_seed", 0)),
-                                  val_fraction=float(data.get("val_fraction", 0.0)), val_seed=int(data.get("fraction_seed", 0)))
+    sft = SFTSettings.from_config(_plain(cfg.sft))
+    optim = OptimSettings.from_config(_plain(cfg.optim))
+    data = SFTDataSettings.from_config(_plain(cfg.data), sq_ratio=sft.sq_ratio, seed=int(cfg.get("seed") or 0))
+    records, reports = load_sft_records(data)
+    train, val = split_and_select(records, fraction=data.fraction, fraction_seed=data.fraction_seed,
+                                  val_fraction=data.val_fraction, val_seed=data.fraction_seed)
     selection = write_selection(out_dir, train, val)
     atomic_write_json(out_dir / "data_report.json", {
         "datasets": reports, "loaded": len(records), "train": len(train), "val": len(val),
-        "fraction": data.get("fraction", 1.0), "train_pairs": sum(r.n_pairs for r in train), **selection})
-    log.info("sft: %d training / %d validation conversations (fraction %s)", len(train), len(val),
-             data.get("fraction", 1.0))
+        "fraction": data.fraction, "train_pairs": sum(r.n_pairs for r in train), **selection})
+    log.info("sft: %d training / %d validation conversations (fraction %s)", len(train), len(val), data.fraction)
 
-    finetune = str(sft.get("finetune", "lora"))
-    if finetune not in ("lora", "full"):
-        raise ValueError(f"sft.finetune must be 'lora' or 'full', not {finetune!r}")
-    backbone = load_backbone(_plain(cfg.backbone), with_lora=finetune == "lora",
-                             gradient_checkpointing=bool(sft.get("gradient_checkpointing", False)))
-    if finetune == "full":
+    backbone = load_backbone(_plain(cfg.backbone), with_lora=sft.finetune == "lora",
+                             gradient_checkpointing=sft.gradient_checkpointing)
+    if sft.finetune == "full":
         unfreeze_for_full_finetune(backbone.model, train_vision=bool((cfg.backbone.get("lora") or {}).get("vision")))
     fmt = ChatFormat.from_config(_plain(cfg.backbone.get("chat")))
-    settings = SFTDataSettings.from_mapping({**data, "sq_ratio": float(sft.get("sq_ratio", 0.5)),
-                                             "seed": int(cfg.get("seed") or 0)})
-    datamodule = SFTDataModule(train, val, backbone.processor, fmt, settings)
-    module = SFTModule(backbone.model, SFTOptimSettings.from_mapping(sft))
-
-    all_callbacks = list(callbacks)
-    if has_bnb_layers(backbone.model):
-        all_callbacks.append(BnbCpuGuard())
-    trainer_cfg = _plain(cfg.trainer)
-    if not val:
-        trainer_cfg["limit_val_batches"] = 0
-    trainer = build_trainer(trainer_cfg, out_dir, logger_cfg=_plain(cfg.get("logger")), callbacks=all_callbacks,
-                            checkpoint_every_n_steps=sft.get("checkpoint_every_n_steps"),
-                            slurm_auto_requeue=bool(cfg.get("slurm_auto_requeue", False)), run_cfg=cfg)
-    ckpt_path = resume_checkpoint(out_dir)
-    if ckpt_path:
-        log.info("sft: resuming from %s", ckpt_path)
-    started = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-    if trainer.interrupted:
-        raise RuntimeError(f"sft: training was interrupted; rerun the same command to resume from {out_dir}")
-    seconds = time.perf_counter() - started
-    close_loggers(trainer)
-
+    datamodule = SFTDataModule(train, val, backbone.processor, fmt, data)
+    module = SFTModule(backbone.model, optim)
+    result = fit_and_export(cfg, STAGE, module, datamodule, model=module.model, processor=backbone.processor,
+                            out_dir=out_dir, callbacks=callbacks, validate=False,
+                            trainer_overrides=None if val else {"limit_val_batches": 0})
+    trainer = result.trainer
+    assert trainer is not None
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if not k.endswith("_step")}
     summary: dict[str, Any] = {
         "status": "complete", "stage": STAGE, "out_dir": str(out_dir), "backbone": backbone.name_or_path,
-        "global_step": int(trainer.global_step), "epoch": int(trainer.current_epoch),
-        "resumed_from": ckpt_path, "train_conversations": len(train), "val_conversations": len(val),
-        "sq_ratio": settings.sq_ratio, "fraction": data.get("fraction", 1.0), "fit_seconds": round(seconds, 2),
-        "metrics": metrics, "adapter_dir": None, "merged_dir": None,
+        "global_step": result.global_step, "epoch": result.epoch, "resumed_from": result.resumed_from,
+        "train_conversations": len(train), "val_conversations": len(val), "sq_ratio": data.sq_ratio,
+        "fraction": data.fraction, "fit_seconds": result.fit_seconds, "metrics": metrics,
+        "train": result.train, "val": result.val, "export": result.export,
     }
-    if trainer.is_global_zero:
-        module.model.eval()
-        if bool(sft.get("export", True)):
-            adapter_dir = out_dir / "adapter"
-            summary["adapter_dir"] = str(adapter_dir)
-            try:
-                summary["merged_dir"] = str(export_merged(module.model, backbone.processor, out_dir / "merged",
-                                                          adapter_dir=adapter_dir))
-            except ValueError as err:  # a quantised base cannot be merged here; the adapter is saved
-                log.warning("sft: %s", err)
-                summary["merge_error"] = str(err)
+    if result.is_global_zero:
         atomic_write_json(out_dir / "metrics.json", summary)
-        log.info("sft: done in %.1fs, step %d, train loss %s -> %s", seconds, trainer.global_step,
-                 _short(metrics.get("train/loss")), summary["merged_dir"] or summary["adapter_dir"])
+        log.info("sft: done in %.1fs, step %d, train loss %s -> %s", result.fit_seconds, result.global_step,
+                 _short(metrics.get("train/loss")), result.export.get("merged") or result.export.get("adapter"))
     finish_run(out_dir, STAGE, summary)
-    if trainer.is_global_zero and cfg.get("print_summary", True):
+    if result.is_global_zero and cfg.get("print_summary", True):
         print_summary(f"train_sft — {out_dir}", summary_rows(summary))
     return summary
 
@@ -207,12 +173,13 @@ def summary_rows(summary: dict[str, Any]) -> dict[str, Any]:
     for key, value in sorted((summary.get("metrics") or {}).items()):
         if key.startswith(("train/", "val/")) and not key.endswith("_epoch"):
             rows[key] = value
-    rows["adapter"] = summary.get("adapter_dir")
-    rows["merged"] = summary.get("merged_dir") or summary.get("merge_error")
+    export = summary.get("export") or {}
+    rows["adapter"] = export.get("adapter")
+    rows["merged"] = export.get("merged") or export.get("merged_skipped")
     return rows
 
 
-@hydra.main(version_base="1.3", config_path=_config.conf_dir(), config_name="sft")
+@stage_main("sft")
 def main(cfg: DictConfig) -> float | None:
     summary = run_train_sft(cfg)
     return objective(cfg, STAGE, summary.get("metrics") or {})

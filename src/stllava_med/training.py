@@ -9,6 +9,8 @@ from __future__ import annotations
 import logging
 import math
 import os
+import signal
+import threading
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -18,14 +20,17 @@ from hydra.utils import instantiate
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar, TQDMProgressBar
 from lightning.pytorch.plugins.environments import SLURMEnvironment
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.imports import _RICH_AVAILABLE
 from omegaconf import DictConfig
 from torch import nn
 
 from stllava_med.backbone import is_lora_parameter, is_projector_parameter, unpack_bnb_cpu_weights
 from stllava_med.families import family_of
+from stllava_med.schema import OptimSettings
 from stllava_med.utils.config import flat_config, run_group, run_label
-from stllava_med.utils.runtime import single_console
+from stllava_med.utils.runtime import StageStopped, signal_exit_code, single_console
 
 log = logging.getLogger(__name__)
 
@@ -79,18 +84,18 @@ def cosine_with_warmup(optimizer: torch.optim.Optimizer, total_steps: int, warmu
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def configure_adamw(module: LightningModule, model: nn.Module, settings: Mapping[str, Any],
+def configure_adamw(module: LightningModule, model: nn.Module, settings: OptimSettings | Mapping[str, Any],
                     projector_modules: Sequence[str] | None = None) -> dict[str, Any]:
     """AdamW over :func:`param_groups` plus a per-step cosine schedule sized from the trainer's plan."""
-    groups = param_groups(model, lr=float(settings["lr"]), projector_lr=settings.get("projector_lr"),
-                          weight_decay=float(settings.get("weight_decay", 0.0)), projector_modules=projector_modules)
-    betas = tuple(settings.get("betas", (0.9, 0.999)))
-    optimizer = torch.optim.AdamW(groups, betas=betas, eps=float(settings.get("eps", 1e-8)))
+    optim = settings if isinstance(settings, OptimSettings) else OptimSettings.from_config(settings)
+    groups = param_groups(model, lr=float(optim.lr), projector_lr=optim.projector_lr,
+                          weight_decay=float(optim.weight_decay),
+                          projector_modules=projector_modules or optim.projector_modules)
+    optimizer = torch.optim.AdamW(groups, betas=tuple(float(b) for b in optim.betas), eps=float(optim.eps))
     total = int(module.trainer.estimated_stepping_batches) if module._trainer is not None else 1
     if total <= 0 or total == math.inf:
         total = 1
-    scheduler = cosine_with_warmup(optimizer, total, float(settings.get("warmup_ratio", 0.03)),
-                                   float(settings.get("min_lr_ratio", 0.0)))
+    scheduler = cosine_with_warmup(optimizer, total, float(optim.warmup_ratio), float(optim.min_lr_ratio))
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
 
 
@@ -142,6 +147,18 @@ class BnbCpuGuard(Callback):
 # --------------------------------------------------------------------------------------------------------------
 
 
+def save_checkpoint_atomically(trainer: Trainer, path: Path) -> Path:
+    """``trainer.save_checkpoint`` with the full training state (optimizer, loops, callbacks: what resuming
+    needs), written beside ``path`` and renamed over it: a job killed mid-write (SIGKILL after the scheduler's
+    grace period) leaves the previous checkpoint, never a torn one. Collective under DDP, like Lightning's."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    trainer.save_checkpoint(tmp, weights_only=False)
+    if trainer.is_global_zero:  # only rank 0 writes (Lightning's checkpoint IO); save_checkpoint ends in a barrier
+        os.replace(tmp, path)
+    return path
+
+
 class LastCheckpoint(Callback):
     """Writes ``last.ckpt`` after the last batch of each epoch and when training ends."""
 
@@ -151,8 +168,7 @@ class LastCheckpoint(Callback):
 
     def _save(self, trainer: Trainer) -> None:
         if trainer.global_step != self._saved_step and not trainer.sanity_checking:
-            # the full training state (optimizer, loops, callbacks): resuming needs it
-            trainer.save_checkpoint(self.path, weights_only=False)
+            save_checkpoint_atomically(trainer, self.path)
             self._saved_step = trainer.global_step
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
@@ -162,6 +178,149 @@ class LastCheckpoint(Callback):
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._save(trainer)
+
+
+class StopOnSignal(Callback):
+    """SIGTERM (what SLURM, Kubernetes and most schedulers send before killing a job) or SIGUSR1 during training:
+    finish the current optimizer step, write ``last.ckpt`` (the checkpoint :func:`resume_checkpoint` resumes
+    from, atomically), log where it is and exit with ``128 + signal`` (143 for SIGTERM, 138 for SIGUSR1) —
+    without exporting, writing ``metrics.json`` or the pipeline's ``DONE.json``. Rerunning the same command
+    resumes at that step, on the batches the uninterrupted run would have used.
+
+    The stop happens at ``on_train_batch_end`` of a batch that stepped the optimizer (the same point as every
+    other ``last.ckpt``, which Lightning restores exactly); under DDP the ranks agree on it first, so they stop at
+    the same step. Who owns a signal is respected: SIGUSR1 is left alone when another handler has it (submitit's
+    requeue) or when Lightning's SLURM auto-requeue will take it (``slurm_auto_requeue=true`` under SLURM).
+    SIGTERM is always ours, composed with Lightning's notifier and with a handler that was there before.
+    A signal outside training (export, the final validation) ends the process as the handler before ours would
+    have: by default, killed by the signal (status 143 / 138 too). A stop Lightning raises itself
+    (``SIGTERMException`` — in the middle of a gradient accumulation or of a validation pass) gets the same
+    checkpoint, log line and exit status."""
+
+    SIGNALS = ("SIGTERM", "SIGUSR1")
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.received: str | None = None  # name of the first signal received during training
+        self.stopped_at: int | None = None  # global step of the stop checkpoint
+        self._previous: dict[int, Any] = {}
+        self._active = False
+        self._step_at_batch_start = -1
+
+    # -- handlers -------------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _requeue_signal(trainer: Trainer) -> int | None:
+        environment = trainer._accelerator_connector.cluster_environment
+        if isinstance(environment, SLURMEnvironment) and environment.auto_requeue:
+            return int(environment.requeue_signal or signal.SIGUSR1)
+        return None
+
+    def _install(self, trainer: Trainer) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal handlers can only be set from the main thread (Lightning skips them too)
+        requeue = self._requeue_signal(trainer)
+        for name in self.SIGNALS:
+            signum = int(getattr(signal, name))
+            current = signal.getsignal(signum)
+            if name != "SIGTERM":
+                if signum == requeue:
+                    log.debug("%s is Lightning's SLURM requeue signal: left to Lightning", name)
+                    continue
+                if current not in (signal.SIG_DFL, None):
+                    log.debug("%s already has a handler (%r): left to it", name, current)
+                    continue
+            if current != self._handle:  # a second fit with this callback: keep the handler from before ours
+                self._previous[signum] = current
+            signal.signal(signum, self._handle)
+        self._active = True
+
+    def _restore(self) -> None:
+        self._active = False
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for signum, previous in self._previous.items():
+            if signal.getsignal(signum) == self._handle:
+                signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
+        # _previous stays: after a failed fit Lightning re-installs the handlers it found, ours among them
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        previous = self._previous.get(signum, signal.SIG_DFL)
+        name = signal.Signals(signum).name
+        if not self._active:
+            # outside training (Lightning re-installs its captured handlers, ours among them, after a failed fit):
+            # behave as the handler before ours
+            if callable(previous):
+                previous(signum, frame)
+            elif previous != signal.SIG_IGN:
+                signal.signal(signum, signal.SIG_DFL)
+                os.kill(os.getpid(), signum)
+            return
+        if self.received is None:
+            self.received = name
+            log.warning("received %s: stopping after the current optimizer step, with a checkpoint in %s "
+                        "(exit %d)", name, self.path, signal_exit_code(signum))
+        else:
+            log.warning("received %s: already stopping (on %s)", name, self.received)
+        if callable(previous):  # a handler that was there before (e.g. submitit's SIGTERM logger)
+            previous(signum, frame)
+
+    # -- the stop -------------------------------------------------------------------------------------------------
+
+    def _exit_code(self) -> int:
+        return signal_exit_code(getattr(signal, self.received or "SIGTERM"))
+
+    def _message(self, trainer: Trainer, where: str = "") -> str:
+        total = f" of {trainer.max_steps}" if trainer.max_steps and trainer.max_steps > 0 else ""
+        return (f"stopped by {self.received or 'SIGTERM'} at step {trainer.global_step}{total}{where}; checkpoint "
+                f"{self.path}; rerun the same command to resume")
+
+    def _stop(self, trainer: Trainer, *, save: bool = True, where: str = "") -> StageStopped:
+        if save:
+            save_checkpoint_atomically(trainer, self.path)
+        self.stopped_at = trainer.global_step
+        message = self._message(trainer, where)
+        log.warning("%s (exit %d)", message, self._exit_code())
+        return StageStopped(self._exit_code(), message)
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # before Lightning registers its own handlers (trainer._run): it composes its SIGTERM notifier with ours,
+        # and registers its SLURM requeue handler only on a signal that has none
+        self.received = None
+        self.stopped_at = None
+        self._install(trainer)
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        self._step_at_batch_start = trainer.global_step
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if trainer.global_step == self._step_at_batch_start:
+            return  # inside a gradient accumulation: not a step boundary
+        requested = self.received is not None
+        if trainer.world_size > 1:  # every rank stops at the same step, or the collective save would hang
+            requested = trainer.strategy.reduce_boolean_decision(requested, all=False)
+            if requested and self.received is None:
+                self.received = "SIGTERM"  # another rank got it; the exit status follows the usual signal
+        if requested:
+            self._active = False
+            raise self._stop(trainer)
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        self._active = False
+        if isinstance(exception, SIGTERMException) and not isinstance(exception, StageStopped):
+            # Lightning's own stop (SystemExit with no status: exit 0): make it as honest as ours
+            if self.received is None:
+                self.received = "SIGTERM"
+            fitting = trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking
+            stop = self._stop(trainer, save=fitting,
+                              where="" if fitting else " (training had finished; during validation)")
+            exception.code = stop.code
+            exception.args = (stop.code,)
+        self._restore()
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._restore()
 
 
 def resume_checkpoint(out_dir: Path) -> str | None:
@@ -271,7 +430,8 @@ def build_trainer(trainer_cfg: Mapping[str, Any], out_dir: Path, *, logger_cfg: 
     # last.ckpt after the last batch of every epoch, at the end of training and, when asked, every N optimizer
     # steps. Every save happens at a batch end: Lightning resumes mid-epoch state exactly from those, whereas
     # its epoch-end checkpoints resume into a confused epoch counter.
-    all_callbacks: list[Callback] = [LastCheckpoint(out_dir / "checkpoints" / "last.ckpt")]
+    last = out_dir / "checkpoints" / "last.ckpt"
+    all_callbacks: list[Callback] = [LastCheckpoint(last), StopOnSignal(last)]
     if checkpoint_every_n_steps:
         all_callbacks.append(ModelCheckpoint(
             dirpath=out_dir / "checkpoints", filename="step{step:07d}", auto_insert_metric_name=False,

@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,8 +28,9 @@ from stllava_med.data.fraction import fraction_score, in_fraction, write_selecte
 from stllava_med.data.instruct import InstructRecord
 from stllava_med.data.vqa import load_image
 from stllava_med.families import BY_NAME, processor_family
+from stllava_med.schema import SFTData, SFTSettings
+from stllava_med.sft.losses import count_targets
 from stllava_med.sft.questioning import questioner_draws
-from stllava_med.utils.config import settings_from
 
 log = logging.getLogger(__name__)
 
@@ -223,9 +224,17 @@ class EpochSampler(Sampler[tuple[int, int]]):
 class ResumableDataLoader(DataLoader):
     """A DataLoader Lightning can resume mid-epoch (its ``_Stateful`` protocol). The state is the trainer's
     own progress (epoch, batches trained on in it), not this loader's position, which runs ahead by the
-    batches Lightning and the workers prefetch."""
+    batches Lightning and the workers prefetch.
+
+    Every batch comes annotated for loss normalisation under gradient accumulation: ``window_targets`` (the
+    target tokens of all batches of its accumulation window on this rank, which the loader looks ahead over)
+    and ``window_index`` (the batch's position in that window). Lightning's windows are the epoch's batches
+    ``[k*A, (k+1)*A)`` with ``A = accumulate()`` (``trainer.accumulate_grad_batches``), the last one of an
+    epoch possibly shorter; after a resume inside a window only its untrained batches remain in it."""
 
     progress: Callable[[], tuple[int, int]] | None = None
+    accumulate: Callable[[], int] | None = None
+    epoch_batches: Callable[[], int] | None = None  # batches an epoch trains on (trainer.limit_train_batches)
 
     def state_dict(self) -> dict[str, int]:
         if self.progress is None:
@@ -249,34 +258,46 @@ class ResumableDataLoader(DataLoader):
         else:
             sampler.resume(epoch, done * int(self.batch_size or 1))
 
+    def __iter__(self) -> Iterator[dict[str, Any]]:  # type: ignore[override]
+        # A generator: nothing (not the sampler, not the workers) starts before the first batch is asked for,
+        # so a resumed position set after Lightning's first iter() call still applies.
+        sampler = self.sampler
+        batch_size = int(self.batch_size or 1)
+        first = sampler.skip // batch_size if isinstance(sampler, EpochSampler) else 0  # epoch batch index
+        per_epoch = min(len(self), int(self.epoch_batches())) if self.epoch_batches is not None else len(self)
+        accumulate = max(1, int(self.accumulate())) if self.accumulate is not None else 1
+        batches = super().__iter__()
+        index = first
+        while index < per_epoch:
+            end = min((index // accumulate + 1) * accumulate, per_epoch)
+            window = []
+            for _ in range(end - index):
+                try:
+                    window.append(next(batches))
+                except StopIteration:
+                    break
+            if not window:
+                return
+            targets = sum(int(count_targets(batch["labels"])) for batch in window)
+            for position, batch in enumerate(window):
+                batch["window_targets"] = torch.tensor(targets)
+                batch["window_index"] = position
+                yield batch
+            index = end
+
 
 # --------------------------------------------------------------------------------------------------------------
 # DataModule
 # --------------------------------------------------------------------------------------------------------------
 
 
-# ``data.*`` keys of conf/sft.yaml read by the entry point (selection and conversation building)
-SFT_SELECTION_KEYS = ("fraction", "fraction_seed", "val_fraction", "vqa_grouping", "max_qa_per_conversation")
-
-
 @dataclass
-class SFTDataSettings:
-    batch_size: int = 8
-    eval_batch_size: int | None = None
-    num_workers: int = 0
-    max_length: int | None = 2048
-    sq_ratio: float = 0.5
-    seed: int = 0
-    shuffle: bool = True
-    on_too_long: str = "drop_turns"
-    cache_images: bool = False
-    pin_memory: bool = False
+class SFTDataSettings(SFTData):
+    """What the datamodule runs with: ``data.*`` of the SFT stage (:class:`stllava_med.schema.SFTData`, where
+    its defaults live) plus the two values it takes from elsewhere in the config."""
 
-    @classmethod
-    def from_mapping(cls, values: dict[str, Any]) -> SFTDataSettings:
-        # dataset entries (data=<name> puts a dataset at data.<name>) are mappings; the rest are stage keys
-        flat = {k: v for k, v in values.items() if not isinstance(v, Mapping)}
-        return settings_from(cls, flat, "data", extra=SFT_SELECTION_KEYS)
+    sq_ratio: float = SFTSettings.sq_ratio   # sft.sq_ratio
+    seed: int = 0                            # the run's seed (the questioner draws, the shuffle)
 
 
 class SFTDataModule(LightningDataModule):
@@ -295,6 +316,8 @@ class SFTDataModule(LightningDataModule):
         self.train_set: SFTDataset | None = None
         self.val_set: SFTDataset | None = None
         self.train_sampler: EpochSampler | None = None
+        self._train_loader: ResumableDataLoader | None = None
+        self._loader_state: dict[str, int] | None = None
         pad = processor.tokenizer.pad_token_id
         if pad is None:
             raise ValueError("the tokenizer has no pad token")
@@ -328,6 +351,10 @@ class SFTDataModule(LightningDataModule):
         trainer = self.trainer
         return trainer.current_epoch, trainer.fit_loop.epoch_loop.batch_progress.current.processed
 
+    def _epoch_batches(self) -> int:
+        limit = self.trainer.num_training_batches
+        return len(self._train_loader) if limit == float("inf") else int(limit)  # type: ignore[arg-type]
+
     def train_dataloader(self) -> DataLoader:
         self.setup()
         assert self.train_set is not None
@@ -339,8 +366,34 @@ class SFTDataModule(LightningDataModule):
                                      pin_memory=self.settings.pin_memory,
                                      persistent_workers=False)  # workers must see each epoch's sampler state
         if self.trainer is not None:
+            trainer = self.trainer
             loader.progress = self._progress
+            loader.accumulate = lambda: trainer.accumulate_grad_batches
+            loader.epoch_batches = self._epoch_batches
+        self._train_loader = loader
+        if self._loader_state is not None:
+            loader.load_state_dict(self._loader_state)
+            self._loader_state = None  # once: a reloaded loader (reload_dataloaders_every_n_epochs) starts fresh
         return loader
+
+    # The sampler position travels in the datamodule's checkpoint entry, which Lightning restores before the
+    # train loader is first built. Lightning's own hand-over of loader states (the fit loop's
+    # "combined_loader") only reaches a loader built after the loops are restored: with trainer.max_epochs set,
+    # ``configure_optimizers`` asks for ``estimated_stepping_batches`` (the schedule's length), which builds
+    # the loader earlier, and a resumed run would restart its epoch from the first batch.
+    def state_dict(self) -> dict[str, Any]:
+        if self._train_loader is None or self._train_loader.progress is None:
+            return {}
+        return {"train_loader": self._train_loader.state_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state = state_dict.get("train_loader")
+        if not state:
+            return
+        if self._train_loader is not None:
+            self._train_loader.load_state_dict(state)
+        else:
+            self._loader_state = dict(state)
 
     def val_dataloader(self) -> DataLoader | list:
         self.setup()
@@ -348,6 +401,6 @@ class SFTDataModule(LightningDataModule):
             return []
         rank, world = self._rank()
         sampler = EpochSampler(len(self.val_set), seed=0, shuffle=False, rank=rank, world_size=world)
-        return DataLoader(self.val_set, batch_size=self.settings.eval_batch_size or self.settings.batch_size,
+        return DataLoader(self.val_set, batch_size=self.settings.val_batch_size or self.settings.batch_size,
                           sampler=sampler, collate_fn=self._collate(), num_workers=self.settings.num_workers,
                           pin_memory=self.settings.pin_memory)

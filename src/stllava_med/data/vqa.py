@@ -436,17 +436,17 @@ def load_vqa(spec: Mapping[str, Any]) -> tuple[list[VQARecord], LoadReport]:
     return records, report
 
 
-def dataset_specs(data_cfg: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
-    """The dataset entries of a ``data`` config node: every child mapping that has a ``format``.
-
-    Dataset configs are namespaced under their own name, so ``data=vqa_rad`` gives ``data.vqa_rad`` and
-    ``data=[vqa_rad,slake]`` gives both; flat keys beside them (``data.fraction``...) are stage settings."""
+def dataset_specs(sets: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """The selected datasets: ``data.sets`` of a stage config, where ``data=vqa_rad`` puts
+    ``conf/data/vqa_rad.yaml`` (``data.sets.vqa_rad``) and ``data=[vqa_rad,slake]`` both. Each entry needs a
+    ``format``."""
     specs = {}
-    for name, value in dict(data_cfg).items():
-        if isinstance(value, Mapping) and "format" in value:
-            spec = dict(value)
-            spec.setdefault("name", name)
-            specs[str(name)] = spec
+    for name, value in dict(sets or {}).items():
+        if not isinstance(value, Mapping) or "format" not in value:
+            raise ValueError(f"data.sets.{name}: a dataset entry needs a format (see conf/data/*.yaml), got {value!r}")
+        spec = dict(value)
+        spec.setdefault("name", name)
+        specs[str(name)] = spec
     if not specs:
         raise ValueError("no dataset selected: choose one with data=<name> (see conf/data/)")
     return specs

@@ -20,7 +20,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
+from stllava_med.schema import DPO_LOSS_TYPES
+
+LOSS_TYPES = DPO_LOSS_TYPES
 
 
 def _check_inputs(beta: float, loss_type: str, label_smoothing: float) -> None:

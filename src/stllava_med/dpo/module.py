@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -31,39 +30,16 @@ from torch import nn
 from torchmetrics import MeanMetric
 
 from stllava_med.dpo.logps import LogProbs
-from stllava_med.dpo.losses import LOSS_TYPES, chosen_nll_loss, dpo_loss
+from stllava_med.dpo.losses import chosen_nll_loss, dpo_loss
+from stllava_med.schema import DPOSettings, OptimSettings
 from stllava_med.training import TrainableOnlyCheckpoints, configure_adamw
-from stllava_med.utils.config import settings_from
+
+__all__ = ["DPOModule", "DPOSettings", "METRIC_NAMES"]
 
 METRIC_NAMES = (
     "loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
     "logps/chosen", "logps/rejected", "logps/chosen_per_token", "logps/rejected_per_token", "padding_ratio",
 )
-
-
-@dataclass
-class DPOSettings:
-    beta: float = 0.1
-    loss_type: str = "sigmoid"
-    label_smoothing: float = 0.0
-    nll_weight: float = 0.0
-    prefix_sharing: bool = True
-
-    @classmethod
-    def from_config(cls, cfg: Mapping[str, Any] | None) -> DPOSettings:
-        # the reference keys are read by the entry point (reference.py builds the reference from them)
-        settings = settings_from(cls, cfg, "dpo", extra=DPO_REFERENCE_KEYS)
-        if settings.loss_type not in LOSS_TYPES:
-            raise ValueError(f"dpo.loss_type must be one of {LOSS_TYPES}, not {settings.loss_type!r}")
-        if settings.beta <= 0:
-            raise ValueError(f"dpo.beta must be > 0, got {settings.beta}")
-        if settings.nll_weight < 0:
-            raise ValueError(f"dpo.nll_weight must be >= 0, got {settings.nll_weight}")
-        return settings
-
-
-DPO_REFERENCE_KEYS = ("reference", "reference_path", "precompute_source", "precompute_batch_size",
-                      "reference_cache_dir", "gradient_checkpointing")
 
 
 def _metric_key(stage: str, name: str) -> str:
@@ -77,7 +53,7 @@ class DPOModule(TrainableOnlyCheckpoints, LightningModule):
         self.policy = policy
         self.reference = reference
         self.settings = settings
-        self.optim = dict(optim)
+        self.optim = optim if isinstance(optim, OptimSettings) else OptimSettings.from_config(optim)
         self.projector_modules = tuple(projector_modules) if projector_modules else None
         self.logprobs = LogProbs(policy, prefix_sharing=settings.prefix_sharing)
         names = list(METRIC_NAMES) + (["nll"] if settings.nll_weight else [])

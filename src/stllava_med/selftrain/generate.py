@@ -41,6 +41,7 @@ from stllava_med.chat import Turn, prompt_text, vqa_turns
 from stllava_med.data.vqa import ImageError, load_image
 from stllava_med.families import processor_family
 from stllava_med.generation import generate_batch, sample_sequences, supports_shared_prefix
+from stllava_med.schema import GenerateSettings, Sampling
 from stllava_med.selftrain.records import Candidate, candidate_id
 from stllava_med.utils.config import check_keys
 from stllava_med.utils.io import JsonlWriter, read_jsonl, sha256_file, stable_hash, write_jsonl
@@ -54,45 +55,11 @@ SHARD_PREFIX = "candidates"
 PROGRESS_FILE = "progress.jsonl"
 
 
-@dataclass(frozen=True)
-class Sampling:
-    temperature: float = 1.2
-    top_k: int | None = 100
-    top_p: float | None = 0.95
-    max_new_tokens: int = 300
-
-    @classmethod
-    def from_config(cls, cfg: Mapping[str, Any] | None, where: str = "generate.sampling", **defaults: Any) -> Sampling:
-        check_keys(cfg, cls.__dataclass_fields__, where)
-        values = {**defaults, **dict(cfg or {})}
-        return cls(**values)
-
-    def kwargs(self) -> dict[str, Any]:
-        return {"temperature": self.temperature, "top_k": self.top_k, "top_p": self.top_p}
-
-
 @dataclass
-class GenerationSettings:
-    """``generate.*`` of ``conf/generate.yaml``; defaults are the paper's."""
+class GenerationSettings(GenerateSettings):
+    """What generation runs with: ``generate.*`` (:class:`stllava_med.schema.GenerateSettings`, where the
+    defaults live: the paper's) and the run's seed."""
 
-    question_source: str = "self"
-    question_prompt: str = "questioner"
-    questions_per_image: int = 5
-    answers_per_question: int = 2
-    max_images: int | None = None
-    image_batch_size: int = 4
-    answer_batch_size: int = 8
-    describe: bool = True
-    describe_max_new_tokens: int = 300
-    question: Sampling = field(default_factory=lambda: Sampling(temperature=1.2, top_k=300, top_p=0.95))
-    answer: Sampling = field(default_factory=lambda: Sampling(temperature=1.2, top_k=100, top_p=0.95))
-    max_question_rounds: int = 2
-    max_answer_rounds: int = 2
-    include_reference_answer: bool = False
-    shared_prefix: str | bool = "auto"
-    shard_size: int = 10000
-    on_bad_image: str = "error"
-    progress: bool = True
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -122,12 +89,12 @@ class GenerationSettings:
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any] | None, **overrides: Any) -> GenerationSettings:
         cfg = dict(cfg or {})
-        check_keys(cfg, set(cls.__dataclass_fields__) | {"images"}, "generate")  # images: read by the entry point
-        values = {k: v for k, v in cfg.items() if k in cls.__dataclass_fields__ and k not in ("question", "answer")}
-        values["question"] = Sampling.from_config(cfg.get("question"), "generate.question", temperature=1.2,
-                                                  top_k=300, top_p=0.95)
-        values["answer"] = Sampling.from_config(cfg.get("answer"), "generate.answer", temperature=1.2, top_k=100,
-                                                top_p=0.95)
+        check_keys(cfg, set(GenerateSettings.__dataclass_fields__), "generate")
+        values = {k: v for k, v in cfg.items() if k not in ("question", "answer")}
+        for role in ("question", "answer"):
+            default = getattr(GenerateSettings(), role)
+            check_keys(cfg.get(role), Sampling.__dataclass_fields__, f"generate.{role}")
+            values[role] = Sampling(**{**asdict(default), **dict(cfg.get(role) or {})})
         values.update(overrides)
         if values.get("questions_per_image") is not None and int(values["questions_per_image"]) < 0:
             values["questions_per_image"] = 0  # -1: every question of the image (dataset mode)

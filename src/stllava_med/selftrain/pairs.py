@@ -21,31 +21,11 @@ from pathlib import Path
 from typing import Any
 
 from stllava_med.data.preference import PreferencePair
+from stllava_med.schema import PairSettings
 from stllava_med.selftrain.records import Candidate, Judgement
-from stllava_med.utils.config import settings_from
 from stllava_med.utils.io import write_jsonl
 
 SHARD_PREFIX = "pairs"
-
-
-@dataclass
-class PairSettings:
-    min_margin: float = 1.0
-    max_per_image: int | None = None
-    shard_size: int = 5000
-    source: str = "selftrain"
-
-    def __post_init__(self) -> None:
-        if self.min_margin < 0:
-            raise ValueError(f"pairs.min_margin must be >= 0, got {self.min_margin}")
-        if self.max_per_image is not None and self.max_per_image < 1:
-            raise ValueError(f"pairs.max_per_image must be >= 1 or null, got {self.max_per_image}")
-        if self.shard_size < 1:
-            raise ValueError(f"pairs.shard_size must be >= 1, got {self.shard_size}")
-
-    @classmethod
-    def from_config(cls, cfg: Mapping[str, Any] | None) -> PairSettings:
-        return settings_from(cls, cfg, "pairs")
 
 
 @dataclass

@@ -13,7 +13,7 @@ tokens through forward + backward + optimizer step per second, per device), ``qu
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any
 
 import torch
@@ -21,39 +21,16 @@ from lightning.pytorch import LightningModule
 from torch import nn
 from torchmetrics import MeanMetric, SumMetric
 
-from stllava_med.sft.losses import TokenStats, sft_token_stats
+from stllava_med.schema import OptimSettings
+from stllava_med.sft.losses import TokenStats, sft_token_stats, window_normalised_loss
 from stllava_med.training import TrainableOnlyCheckpoints, configure_adamw
-from stllava_med.utils.config import check_keys
 
 # Batch entries that are not model inputs.
-_NON_MODEL_KEYS = ("labels", "target_role", "uids", "questioner_turns", "dropped_pairs")
+_NON_MODEL_KEYS = ("labels", "target_role", "uids", "questioner_turns", "dropped_pairs", "window_targets",
+                   "window_index")
 
 
-@dataclass
-class SFTOptimSettings:
-    """Paper: LoRA lr 2e-4, projector 2e-5, cosine, warmup ratio 0.03, no weight decay."""
-
-    lr: float = 2e-4
-    projector_lr: float | None = 2e-5
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.03
-    min_lr_ratio: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    projector_modules: list[str] | None = None  # None: the model family's projector
-
-    @classmethod
-    def from_mapping(cls, values: dict[str, Any]) -> SFTOptimSettings:
-        known = set(cls.__dataclass_fields__)
-        # the other sft.* keys are read by the entry point (what to train, checkpoints, export)
-        check_keys(values, known | {"finetune", "sq_ratio", "gradient_checkpointing", "checkpoint_every_n_steps",
-                                    "export"}, "sft")
-        out = {k: v for k, v in values.items() if k in known}
-        if "betas" in out:
-            out["betas"] = tuple(float(b) for b in out["betas"])
-        if out.get("projector_modules") is not None:
-            out["projector_modules"] = list(out["projector_modules"])
-        return cls(**out)
+SFTOptimSettings = OptimSettings  # the SFT stage's optim.* (defaults: stllava_med.schema.SFTStage)
 
 
 def _metric_group() -> nn.ModuleDict:
@@ -68,15 +45,16 @@ def _metric_group() -> nn.ModuleDict:
 
 
 class SFTModule(TrainableOnlyCheckpoints, LightningModule):
-    def __init__(self, model: nn.Module, optim: SFTOptimSettings | None = None) -> None:
+    def __init__(self, model: nn.Module, optim: OptimSettings | None = None) -> None:
         super().__init__()
         self.model = model
-        self.optim = optim or SFTOptimSettings()
+        self.optim = optim or OptimSettings()
         self.save_hyperparameters({"optim": asdict(self.optim)})
         self.train_metrics = _metric_group()
         self.val_metrics = _metric_group()
         self._batch_started: float | None = None
         self._batch_tokens = 0
+        self._window_seen: torch.Tensor | None = None  # (summed loss, target tokens) of this window so far
 
     # ------------------------------------------------------------------------------------------------------
     # forward
@@ -98,15 +76,18 @@ class SFTModule(TrainableOnlyCheckpoints, LightningModule):
     # steps
     # ------------------------------------------------------------------------------------------------------
 
-    def _update_and_log(self, stage: str, stats: TokenStats, batch: dict[str, Any]) -> None:
+    def _update_and_log(self, stage: str, stats: TokenStats, batch: dict[str, Any],
+                        step_loss: torch.Tensor | None = None) -> None:
         metrics = self.train_metrics if stage == "train" else self.val_metrics
         on_step = stage == "train"
         size = int(batch["input_ids"].shape[0])
         loss = stats.loss.detach()
+        # weighted by target tokens: the epoch value is the token mean over the epoch (and over the ranks)
         metrics["loss"].update(loss, weight=stats.n_targets.clamp(min=1))
         self.log(f"{stage}/loss", metrics["loss"], on_step=False, on_epoch=True, prog_bar=stage == "val", batch_size=size)
         if on_step:
-            self.log("train/loss_step", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=size)
+            self.log("train/loss_step", loss if step_loss is None else step_loss, on_step=True, on_epoch=False,
+                     prog_bar=True, batch_size=size)
         for name, correct, total in (("answer_acc", stats.answer_correct, stats.answer_total),
                                      ("question_acc", stats.question_correct, stats.question_total)):
             if int(total) == 0:
@@ -122,8 +103,34 @@ class SFTModule(TrainableOnlyCheckpoints, LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         stats = self.compute_stats(batch)
-        self._update_and_log("train", stats, batch)
-        return stats.loss
+        loss, window_mean = self._window_loss(stats, batch)
+        self._update_and_log("train", stats, batch, step_loss=window_mean)
+        return loss
+
+    def _window_loss(self, stats: TokenStats, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the loss to back-propagate, the token-mean loss of the accumulation window so far).
+
+        The training loader annotates each batch with its window's target tokens (``window_targets``, this
+        rank) and its place in the window (``window_index``); summed over ranks, the count normalises the
+        summed token loss so that one optimizer step follows the window's token mean exactly
+        (:func:`~stllava_med.sft.losses.window_normalised_loss`), however the window is split into
+        micro-batches and ranks. The logged value is the token mean over the window's batches so far, all
+        ranks together: at the optimizer step, when Lightning logs it, the whole window's. A batch without
+        the annotation (another loader) is normalised on its own, per micro-batch."""
+        if "window_targets" not in batch:
+            return stats.loss, stats.loss.detach()
+        trainer = self._trainer
+        accumulate = int(trainer.accumulate_grad_batches) if trainer is not None else 1
+        world = int(trainer.world_size) if trainer is not None else 1
+        if int(batch["window_index"]) == 0 or self._window_seen is None:
+            self._window_seen = torch.zeros(2, dtype=torch.float64, device=stats.loss_sum.device)
+        seen = self._window_seen + torch.stack([stats.loss_sum.detach(), stats.n_targets]).to(torch.float64)
+        self._window_seen = seen
+        totals = torch.cat([batch["window_targets"].to(seen).reshape(1), seen])
+        if world > 1:  # one collective: the window's targets and the running sums of every rank
+            totals = trainer.strategy.reduce(totals, reduce_op="sum")
+        loss = window_normalised_loss(stats.loss_sum, totals[0], accumulate=accumulate, world_size=world)
+        return loss, (totals[1] / totals[2].clamp(min=1)).to(stats.loss.dtype)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         stats = self.compute_stats(batch)
@@ -174,5 +181,4 @@ class SFTModule(TrainableOnlyCheckpoints, LightningModule):
     # ------------------------------------------------------------------------------------------------------
 
     def configure_optimizers(self) -> dict[str, Any]:
-        settings = asdict(self.optim)
-        return configure_adamw(self, self.model, settings, projector_modules=self.optim.projector_modules)
+        return configure_adamw(self, self.model, self.optim)

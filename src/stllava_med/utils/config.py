@@ -9,19 +9,23 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import logging
 import os
 import re
 import sys
+import typing
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from stllava_med.schema import RENAMED, STAGE_SCHEMAS
 from stllava_med.utils.io import atomic_write_text, stable_hash
 
 log = logging.getLogger(__name__)
@@ -115,11 +119,109 @@ def check_keys(section: Mapping[str, Any] | None, allowed: Iterable[str], where:
     unknown = [str(k) for k in (section or {}) if str(k) not in allowed]
     if not unknown:
         return
+    problems = [_unknown(f"{where}.{key}" if where else key, key, allowed, where) for key in unknown]
+    raise UnknownConfigKey(f"unknown config key(s): {', '.join(problems)}; valid keys of {where or 'the config'}: "
+                           f"{', '.join(allowed)}")
+
+
+def _unknown(full_key: str, key: str, allowed: Iterable[str], where: str) -> str:
+    """``full_key`` with a hint: its new name if it was renamed, else the nearest valid key."""
+    suffix = full_key.split(".stages.", 1)[-1] if full_key.startswith("stages.") else full_key
+    for old, new in RENAMED.items():
+        if full_key == old or full_key.endswith(f".{old}") or suffix == old:
+            return f"{full_key} (renamed: {new})"
+    near = difflib.get_close_matches(key, list(allowed), n=1, cutoff=0.6)
+    return full_key + (f" (did you mean {f'{where}.' if where else ''}{near[0]}?)" if near else "")
+
+
+def _schema_fields(schema: Any) -> dict[str, Any] | None:
+    """A dataclass's fields and their types (None for an untyped node: a config group, a dict)."""
+    if not dataclasses.is_dataclass(schema):
+        return None
+    hints = typing.get_type_hints(schema)
+    return {f.name: hints.get(f.name) for f in dataclasses.fields(schema)}
+
+
+def check_against_schema(keys: Iterable[str], schema: type, *, root: str = "") -> None:
+    """Refuse dotted ``keys`` that the dataclass ``schema`` has no field for, with the nearest valid key.
+
+    Keys under an untyped node (``backbone.*``, ``trainer.*``, ``data.sets.*``) are left to their readers."""
     problems = []
-    for key in unknown:
-        near = difflib.get_close_matches(key, allowed, n=1, cutoff=0.6)
-        problems.append(f"{where}.{key}" + (f" (did you mean {where}.{near[0]}?)" if near else ""))
-    raise UnknownConfigKey(f"unknown config key(s): {', '.join(problems)}; valid keys of {where}: {', '.join(allowed)}")
+    for dotted in keys:
+        node: Any = schema
+        parts = dotted.split(".")
+        for depth, part in enumerate(parts):
+            fields = _schema_fields(node)
+            if fields is None:
+                break
+            if part not in fields:
+                where = ".".join(parts[:depth])
+                problems.append((_unknown(dotted, part, fields, where), where, sorted(fields)))
+                break
+            node = fields[part]
+    if problems:
+        text, where, valid = problems[0]
+        more = f" (and {', '.join(p[0] for p in problems[1:])})" if len(problems) > 1 else ""
+        raise UnknownConfigKey(f"unknown config key {text}{more}; valid keys of {where or root or 'the config'}: "
+                               f"{', '.join(valid)}")
+
+
+def precheck_overrides(config_name: str, args: Iterable[str]) -> None:
+    """Check command-line overrides against the stage's schema before Hydra composes, so that a typo'd key
+    (``dpo.prefix_sharng=false`` or ``+dpo.prefix_sharng=false``) fails at start-up naming the nearest valid
+    key (Hydra's own error names only the key). Group choices (``backbone=``, ``data=``) and ``hydra.*``
+    pass through; Hydra checks them."""
+    schema = STAGE_SCHEMAS.get(config_name)
+    if schema is None:
+        return
+    fields = _schema_fields(schema) or {}
+    parser = OverridesParser.create()
+    keys = []
+    for arg in args:
+        if arg.startswith("-") or "=" not in arg:
+            continue
+        try:
+            override = parser.parse_override(arg)
+        except Exception:  # Hydra reports a malformed override itself
+            continue
+        key = override.get_key_element().lstrip("+~")
+        if key.startswith("hydra.") or key == "hydra" or "/" in key or "@" in key or override.is_delete():
+            continue
+        if "." not in key and key not in fields and _is_group(key):
+            continue  # a group choice: backbone=, data=, trainer=, experiment=
+        keys.append(key)
+    check_against_schema(keys, schema, root=config_name)
+
+
+def _is_group(key: str) -> bool:
+    return (Path(conf_dir()) / key).is_dir()
+
+
+def stage_main(config_name: str) -> Any:
+    """``@hydra.main`` for a stage, preceded by :func:`precheck_overrides` on the command line."""
+    def decorate(fn: Any) -> Any:
+        hydra_main = hydra.main(version_base="1.3", config_path=conf_dir(), config_name=config_name)(fn)
+
+        @functools.wraps(fn)
+        def main(*args: Any, **kwargs: Any) -> Any:
+            if not args and not kwargs:
+                argv = sys.argv[1:]
+                chosen = config_name
+                for i, arg in enumerate(argv):  # --config-name / -cn picks another primary config
+                    if arg in ("--config-name", "-cn") and i + 1 < len(argv):
+                        chosen = argv[i + 1]
+                    elif arg.startswith("--config-name="):
+                        chosen = arg.split("=", 1)[1]
+                try:
+                    precheck_overrides(chosen, argv)
+                except UnknownConfigKey as err:
+                    print(f"Error: {err}", file=sys.stderr)
+                    sys.exit(2)
+            return hydra_main(*args, **kwargs)
+
+        return main
+
+    return decorate
 
 
 def settings_from(cls: type, section: Mapping[str, Any] | None, where: str, *, extra: Iterable[str] = (),

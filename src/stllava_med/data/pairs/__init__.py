@@ -9,7 +9,7 @@ What it guarantees:
   pairs that exceed ``max_length`` (``too_long``) or whose image + prompt alone would (``prompt_too_long``:
   truncation would cut image tokens, so we never truncate). The scan is cached on disk by (shards' content,
   processor and template, max_length) so sweep jobs share it.
-- **Held-out validation** (``val_ratio`` of the pairs by a seeded hash of their ids, or ``val_path``) and a
+- **Held-out validation** (``val_fraction`` of the pairs by a seeded hash of their ids, or ``val_path``) and a
   **nested training fraction** (``fraction``; the 9% subset lies inside 25%, inside 50%); the selected ids
   are written to the run directory.
 - **Exactly once per epoch across DDP ranks x dataloader workers.** In each epoch's order (shards shuffled

@@ -111,7 +111,7 @@ class PreferenceDataModule(LightningDataModule):
         else:
             pool, self.val_entries = [], []
             for entry in self.train_scan.entries:
-                is_val = settings.val_ratio > 0 and fraction_score("val\x00" + entry.id, settings.fraction_seed) < settings.val_ratio
+                is_val = settings.val_fraction > 0 and fraction_score("val\x00" + entry.id, settings.fraction_seed) < settings.val_fraction
                 (self.val_entries if is_val else pool).append(entry)
         self.train_entries = [e for e in pool if in_fraction(e.id, settings.fraction, settings.fraction_seed)]
         if not self.train_entries:

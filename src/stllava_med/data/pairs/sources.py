@@ -37,11 +37,11 @@ from pathlib import Path
 from typing import Any
 
 from stllava_med.data.preference import SkipReport, convert_records, resolve_shards, write_shards
+from stllava_med.schema import PAIR_FORMATS
 from stllava_med.utils.io import atomic_write_json, file_lock, load_json, sha256_file, stable_hash
 
 log = logging.getLogger(__name__)
 
-PAIR_FORMATS = ("auto", "native", "trl", "official")
 # What a directory given as data.path contributes, in this preference (see resolve_shards).
 PAIR_SUFFIXES = (".jsonl", ".parquet", ".json")
 CONVERT_VERSION = 1
