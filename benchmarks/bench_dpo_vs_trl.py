@@ -241,7 +241,7 @@ def run_ours(args: argparse.Namespace, model_dir: Path, pairs_dir: Path, work: P
         if args.device == "cuda":
             torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
-        settings = PreferenceDataSettings(path=str(pairs_dir), val_ratio=0.0, batch_size=args.batch_size,
+        settings = PreferenceDataSettings(path=str(pairs_dir), val_fraction=0.0, batch_size=args.batch_size,
                                           max_length=4096, num_workers=args.workers, progress=False,
                                           scan_cache_dir=str(work / "scan"), seed=args.seed,
                                           shuffle_buffer=1)  # file order, as TRL's sequential sampler below

@@ -2,11 +2,12 @@
 
     python -m stllava_med.pipeline experiment=demo                      # the offline demo (make demo)
     python -m stllava_med.pipeline backbone=llava15_7b expert=openai ...  # the paper's recipe
-    python -m stllava_med.pipeline -m dpo.beta=0.05,0.1,0.5 data.fraction=0.09,0.25,0.5,1.0
+    python -m stllava_med.pipeline -m stages.dpo.dpo.beta=0.05,0.1,0.5 stages.dpo.data.fraction=0.09,0.25,0.5,1.0
 
-Each stage runs from its own config (``conf/<stage>.yaml``), composed with ``stage_overrides.<stage>`` and
-then overlaid with the pipeline's sections of the same name (``sft``, ``generate``, ``pairs``, ``dpo``,
-``optim``, ``data`` for the DPO pairs, ``eval``) and the pipeline's ``backbone`` / ``expert``. The stage's
+Each stage runs from its own config (``conf/<stage>.yaml``), composed with ``stages.<stage>.overrides`` (group
+choices, stage experiments); the pipeline's config holds each stage's schema at ``stages.<stage>`` (so
+``stages.dpo.dpo.beta=0.5`` is typed and checked when the pipeline starts), and what is set there is passed to
+the stage, with the pipeline's ``backbone`` / ``expert`` / ``seed``. The stage's
 directory is ``<root>/round<r>/<stage>-<hash of its config>``; its config names the upstream directories, so
 the hash chains: a finished stage (``DONE.json``) is reused, a crash resumes the stage that was running, and
 changing β reruns only DPO and the evaluation of the DPO model. Parallel sweep jobs share ``<root>``: a file
@@ -21,24 +22,26 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import hydra
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from stllava_med.evaluate import run_evaluate
 from stllava_med.generate import run_generate
 from stllava_med.judge import run_judge
+from stllava_med.schema import PIPELINE_STAGES
 from stllava_med.train_dpo import run_train_dpo
 from stllava_med.train_sft import run_train_sft
 from stllava_med.utils import config as _config  # noqa: F401  (registers resolvers)
 from stllava_med.utils.config import (
     UnknownConfigKey,
-    check_keys,
+    check_against_schema,
     config_fingerprint,
     logger_names,
     project_root,
     save_config,
+    stage_main,
 )
 from stllava_med.utils.io import atomic_write_json, atomic_write_text, file_lock
 from stllava_med.utils.runtime import finish_run, objective, quiet_known_noise
@@ -66,55 +69,78 @@ def _plain(node: Any) -> Any:
     return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
 
 
-def _drop_nulls(value: Any) -> Any:
-    if isinstance(value, dict):
-        kept = {k: _drop_nulls(v) for k, v in value.items() if v is not None}
-        return {k: v for k, v in kept.items() if v != {}}
-    return value
+_PIPELINE_ONLY = ("enabled", "overrides")
+# Keys of a stage that the pipeline itself sets (the backbone it passes along, the upstream directories).
+_PIPELINE_SET = ("backbone", "paths", "expert")
 
 
-def _check_overlay(values: dict[str, Any], base: Any, where: str) -> None:
-    """Every key the pipeline passes to a stage must exist in that stage's own config (conf/<stage>.yaml):
-    ``+dpo.prefix_sharng=false`` is refused here, naming the nearest valid key, before any stage runs."""
-    known = dict(base) if isinstance(base, dict | DictConfig) else {}
-    check_keys(values, [str(k) for k in known], where)
-    for key, value in values.items():
-        if isinstance(value, dict) and isinstance(known.get(key), dict | DictConfig):
-            _check_overlay(value, known[key], f"{where}.{key}")
+def _leaves(node: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(node, dict) and node:
+        out: dict[str, Any] = {}
+        for key, value in node.items():
+            out.update(_leaves(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: node}
 
 
-def _overlay(base: DictConfig, key: str, section: Any, stage: str = "") -> None:
-    """Merge the pipeline's ``section`` over ``base[key]``; null values keep the stage's own default."""
-    values = _drop_nulls(_plain(section)) if section is not None else None
-    if not values:
-        return
+def _cli_keys(stage: str) -> set[str]:
+    """Keys under ``stages.<stage>.`` that the pipeline's command line set (even to their schema default)."""
     try:
-        _check_overlay(values, base.get(key) or {}, key)
-    except UnknownConfigKey as err:
-        raise UnknownConfigKey(f"{err} (the pipeline passes {key}.* to the {stage} stage: conf/{stage}.yaml)") from None
-    OmegaConf.set_struct(base, False)
-    base[key] = OmegaConf.merge(base.get(key) or {}, OmegaConf.create(values))
+        task = [str(o) for o in HydraConfig.get().overrides.task]
+    except ValueError:  # composed outside @hydra.main (tests)
+        return set()
+    prefix = f"stages.{stage}."
+    keys = set()
+    for override in task:
+        key = override.split("=", 1)[0].lstrip("+~")
+        if key.startswith(prefix):
+            keys.add(key[len(prefix):])
+    return keys
+
+
+def stage_settings(cfg: DictConfig, stage: str) -> dict[str, Any]:
+    """What the pipeline sets in ``stage``'s config: every key of ``stages.<stage>`` whose value differs from the
+    stage schema's default (an experiment's or the command line's), plus the keys the command line named.
+    Unresolved, so that ``${...}`` interpolations resolve in the stage's own config."""
+    node = cfg.stages[stage]
+    given = OmegaConf.to_container(node, resolve=False)
+    default = OmegaConf.to_container(OmegaConf.structured(PIPELINE_STAGES[stage]), resolve=False)
+    assert isinstance(given, dict) and isinstance(default, dict)
+    for key in (*_PIPELINE_ONLY, *_PIPELINE_SET):
+        given.pop(key, None)
+        default.pop(key, None)
+    named = _cli_keys(stage)
+    default_leaves = _leaves(default)
+    return {key: value for key, value in _leaves(given).items()
+            if key in named or any(key.startswith(f"{n}.") for n in named)
+            or key not in default_leaves or default_leaves[key] != value}
 
 
 def stage_config(cfg: DictConfig, stage: str, *, backbone: dict[str, Any] | None = None,
                  **fields: Any) -> DictConfig:
-    """The config a stage runs with inside the pipeline."""
-    overrides = [str(o) for o in (cfg.stage_overrides.get(stage) or [])]
+    """The config a stage runs with inside the pipeline: ``conf/<stage>.yaml`` composed with
+    ``stages.<stage>.overrides`` (exactly as ``python -m stllava_med.<stage>`` with those overrides would), then
+    the keys the pipeline's config sets at ``stages.<stage>`` (typed and checked by the stage's schema when the
+    pipeline composed), the pipeline's ``seed`` / ``num_threads`` and what the pipeline passes between stages."""
+    overrides = [str(o) for o in (cfg.stages[stage].overrides or [])]
+    settings = stage_settings(cfg, stage)
+    try:  # +stages.dpo.dpo.typo=1 adds a key Hydra cannot refuse: refuse it here, before any stage runs
+        check_against_schema(settings, PIPELINE_STAGES[stage], root=f"stages.{stage}")
+    except UnknownConfigKey as err:
+        raise UnknownConfigKey(f"stages.{stage}: {err}") from None
     stage_cfg = compose_stage(stage, overrides)  # the stage names are the primary config names
-    OmegaConf.set_struct(stage_cfg, False)
-    if backbone is not None:
-        stage_cfg.backbone = OmegaConf.create(backbone)
-    for key in ("seed", "num_threads"):
-        if cfg.get(key) is not None:
-            stage_cfg[key] = cfg[key]
-    sections = {"sft": ["sft"], "generate": ["generate"], "judge": ["pairs"], "dpo": ["dpo", "optim", "data"],
-                "evaluate": ["eval"]}[stage]
-    for key in sections:
-        _overlay(stage_cfg, key, cfg.get(key), stage)
-    if stage == "judge":
-        stage_cfg.expert = OmegaConf.create(_plain(cfg.expert))
-    for key, value in fields.items():
-        OmegaConf.update(stage_cfg, key, value, force_add=True)
+    for key, value in settings.items():
+        OmegaConf.update(stage_cfg, key, value, merge=True, force_add=True)
+    with open_dict(stage_cfg):
+        if backbone is not None:
+            stage_cfg.backbone = OmegaConf.create(backbone)
+        for key in ("seed", "num_threads"):
+            if cfg.get(key) is not None:
+                stage_cfg[key] = cfg[key]
+        if stage == "judge":
+            stage_cfg.expert = OmegaConf.create(_plain(cfg.expert))
+        for key, value in fields.items():
+            OmegaConf.update(stage_cfg, key, value, force_add=True)
     return stage_cfg
 
 
@@ -181,7 +207,7 @@ def pipeline_root(cfg: DictConfig) -> Path:
 
 
 def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
-    enabled = {s: bool((cfg.pipeline.get("stages") or {}).get(s, True)) for s in STAGES}
+    enabled = {s: bool(cfg.stages[s].enabled) for s in STAGES}
     # compose every enabled stage's config first: a mistyped key fails now, not after hours of SFT
     for stage in STAGES:
         if enabled[stage]:
@@ -355,7 +381,7 @@ def objective_metrics(summary: dict[str, Any]) -> dict[str, Any]:
     return flat
 
 
-@hydra.main(version_base="1.3", config_path=_config.conf_dir(), config_name="pipeline")
+@stage_main("pipeline")
 def main(cfg: DictConfig) -> float | None:
     summary = run_pipeline(cfg)
     print(f"\nSTLLaVA-Med pipeline — {summary['root']}\n\n{summary['table']}")

@@ -130,6 +130,12 @@ def _as_float(value: Any) -> float | None:
         return None
 
 
+def _column(rows: list[dict[str, Any]], key: str) -> str:
+    """The column holding ``key``: ``dpo.beta`` in a train_dpo sweep, ``stages.dpo.dpo.beta`` in a pipeline's."""
+    names = {k for r in rows for k in r}
+    return next((k for k in sorted(names, key=len) if k == key or k.endswith(f".{key}")), key)
+
+
 def plot_metric_vs_fraction(rows: list[dict[str, Any]], out_dir: Path) -> list[Path]:
     """One PNG per VQA metric column: metric against data.fraction, one line per dpo.beta."""
     import matplotlib
@@ -137,15 +143,16 @@ def plot_metric_vs_fraction(rows: list[dict[str, Any]], out_dir: Path) -> list[P
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ok = [r for r in rows if r["status"] == "ok" and _as_float(r.get("data.fraction")) is not None]
+    fraction, beta_key = _column(rows, "data.fraction"), _column(rows, "dpo.beta")
+    ok = [r for r in rows if r["status"] == "ok" and _as_float(r.get(fraction)) is not None]
     written = []
     metric_cols = sorted({k for r in ok for k in r if "/" in k and k.rsplit("/", 1)[-1] in VQA_METRICS})
     for column in metric_cols:
         fig, ax = plt.subplots(figsize=(5, 3.5))
-        betas = sorted({r.get("dpo.beta", "-") for r in ok}, key=lambda b: _as_float(b) or 0.0)
+        betas = sorted({r.get(beta_key, "-") for r in ok}, key=lambda b: _as_float(b) or 0.0)
         for beta in betas:
-            points = sorted((_as_float(r["data.fraction"]), _as_float(r.get(column))) for r in ok
-                            if r.get("dpo.beta", "-") == beta and _as_float(r.get(column)) is not None)
+            points = sorted((_as_float(r[fraction]), _as_float(r.get(column))) for r in ok
+                            if r.get(beta_key, "-") == beta and _as_float(r.get(column)) is not None)
             if points:
                 ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=f"β={beta}")
         ax.set_xlabel("data fraction")

@@ -2,7 +2,7 @@
 
     python -m stllava_med.train_sft                                   # tiny backbone, bundled VQA-RAD sample
     python -m stllava_med.train_sft 'data=[vqa_rad_train,slake_train]' data.fraction=0.25 seed=1
-    python -m stllava_med.train_sft experiment=stllava_med_paper_stage1 data.llava_med_instruct.path=...
+    python -m stllava_med.train_sft experiment=stllava_med_paper_stage1 data.sets.llava_med_instruct.path=...
 
 Writes into the run directory: ``selected_ids.txt`` / ``val_ids.txt`` (which conversations trained and
 validated), ``data_report.json``, ``checkpoints/`` (trainable tensors only; ``last.ckpt`` resumes),

@@ -41,7 +41,7 @@ def test_rerun_reuses_finished_stages_and_beta_reruns_only_dpo_and_eval(tmp_path
     assert all(s["reused"] for s in again["stages"].values())
     assert again["evaluations"] == first["evaluations"]
 
-    beta = run_pipeline(compose("pipeline", ["experiment=smoke", f"out_dir={root}", "dpo.beta=0.3"]))
+    beta = run_pipeline(compose("pipeline", ["experiment=smoke", f"out_dir={root}", "stages.dpo.dpo.beta=0.3"]))
     rerun = {k for k, s in beta["stages"].items() if not s["reused"]}
     assert rerun == {"round1/dpo", "evaluate/dpo_round1"}
     assert beta["stages"]["round1/dpo"]["dir"] != first["stages"]["round1/dpo"]["dir"]
@@ -51,7 +51,7 @@ def test_rerun_reuses_finished_stages_and_beta_reruns_only_dpo_and_eval(tmp_path
 def test_two_by_two_sweep_with_submitit_local_is_reported(tmp_path, tiny_backbone_path):
     sweep = tmp_path / "multirun"
     proc = _python("stllava_med.pipeline", "-m", "hydra/launcher=submitit_local", "experiment=smoke",
-                   "dpo.beta=0.1,0.5", "data.fraction=0.5,1.0", f"out_dir={tmp_path / 'root'}",
+                   "stages.dpo.dpo.beta=0.1,0.5", "stages.dpo.data.fraction=0.5,1.0", f"out_dir={tmp_path / 'root'}",
                    f"hydra.sweep.dir={sweep}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = _python("stllava_med.report", str(sweep))
@@ -61,8 +61,9 @@ def test_two_by_two_sweep_with_submitit_local_is_reported(tmp_path, tiny_backbon
     rows = (sweep / "report" / "results.csv").read_text().splitlines()
     assert len(rows) == 5  # header + 4 jobs
     header = rows[0].split(",")
-    assert {"dpo.beta", "data.fraction"} <= set(header)
-    combos = {(r.split(",")[header.index("dpo.beta")], r.split(",")[header.index("data.fraction")]) for r in rows[1:]}
+    assert {"stages.dpo.dpo.beta", "stages.dpo.data.fraction"} <= set(header)
+    combos = {(r.split(",")[header.index("stages.dpo.dpo.beta")], r.split(",")[header.index("stages.dpo.data.fraction")])
+              for r in rows[1:]}
     assert combos == {("0.1", "0.5"), ("0.1", "1.0"), ("0.5", "0.5"), ("0.5", "1.0")}
     plots = [Path(p) for p in summary["plots"]]
     assert any(p.name.endswith("open_recall_vs_fraction.png") for p in plots)
@@ -104,7 +105,7 @@ def _last_step(out_dir: Path) -> int:
 def test_dpo_killed_mid_run_resumes_in_the_same_run_dir(tmp_path, tiny_backbone_path):
     out_dir = tmp_path / "dpo"
     args = ["stllava_med.train_dpo", f"out_dir={out_dir}", "trainer.max_steps=40", "trainer.max_epochs=-1",
-            "checkpoint_every_n_steps=2", "data.batch_size=2", "data.num_workers=0", "logger=csv",
+            "checkpoint.every_n_steps=2", "data.batch_size=2", "data.num_workers=0", "logger=csv",
             "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false", "num_threads=1"]
     proc = subprocess.Popen([sys.executable, "-m", *args], cwd=REPO_ROOT, env=ENV, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)

@@ -98,7 +98,7 @@ def test_dataset_questions_then_the_reference_expert_end_to_end(tmp_path, compos
                                       f"out_dir={gen_dir}"])
     summary = run_generate(cfg)
     assert summary["images_done"] == 2 and summary["input"]["source"] == "data"
-    records = {r.id: r for r in load_vqa(dataset_specs(cfg.data)["vqa_rad_sample_train"])[0]}
+    records = {r.id: r for r in load_vqa(dataset_specs(cfg.data.sets)["vqa_rad_sample_train"])[0]}
     candidates = load_candidates(gen_dir / "candidates")
     assert 2 <= len(candidates) <= 6
     for candidate in candidates:

@@ -149,7 +149,7 @@ def test_native_jsonl_and_spec_dispatch(tmp_path, sample_dir):
     path = write_jsonl(tmp_path / "native.jsonl", [r.to_json() for r in records[:4]])
     loaded, _ = load_native(path)
     assert loaded == records[:4] and VQARecord.from_json(records[0].to_json()) == records[0]
-    specs = dataset_specs({"rad": {"format": "native", "path": str(path)}, "fraction": 0.5})
+    specs = dataset_specs({"rad": {"format": "native", "path": str(path)}})
     assert list(specs) == ["rad"]
     limited, _ = load_vqa({**specs["rad"], "limit": 2})
     assert len(limited) == 2

@@ -128,7 +128,7 @@ def _unknown(full_key: str, key: str, allowed: Iterable[str], where: str) -> str
     """``full_key`` with a hint: its new name if it was renamed, else the nearest valid key."""
     suffix = full_key.split(".stages.", 1)[-1] if full_key.startswith("stages.") else full_key
     for old, new in RENAMED.items():
-        if full_key == old or full_key.endswith(f".{old}") or suffix == old:
+        if full_key == old or full_key.endswith(f".{old}") or suffix == old or full_key.startswith(f"{old}."):
             return f"{full_key} (renamed: {new})"
     near = difflib.get_close_matches(key, list(allowed), n=1, cutoff=0.6)
     return full_key + (f" (did you mean {f'{where}.' if where else ''}{near[0]}?)" if near else "")
