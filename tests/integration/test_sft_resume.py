@@ -51,13 +51,14 @@ def _instruct_file(tmp_path: Path, sample_dir: Path) -> Path:
     return path
 
 
-def _overrides(instruct: Path, sample_dir: Path, out_dir: Path) -> list[str]:
+def _overrides(instruct: Path, sample_dir: Path, out_dir: Path,
+               schedule: tuple[str, ...] = ("trainer.max_steps=14", "trainer.max_epochs=-1", "checkpoint.every_n_steps=2",
+                                            "export.merged=true")) -> list[str]:
     return [
         "logger=none", "trainer.enable_progress_bar=false", "data=[vqa_rad_sample_train,llava_med_instruct]",
-        f"data.llava_med_instruct.path={instruct}", f"data.llava_med_instruct.image_folder={sample_dir / 'images'}",
+        f"data.sets.llava_med_instruct.path={instruct}", f"data.sets.llava_med_instruct.image_folder={sample_dir / 'images'}",
         "data.fraction=0.25", "data.val_fraction=0", "data.batch_size=4", "data.cache_images=true",
-        "trainer.max_steps=14", "trainer.max_epochs=-1", "sft.checkpoint_every_n_steps=2", "sft.lr=5e-3",
-        "sft.export=true", "num_threads=1", f"out_dir={out_dir}",
+        *schedule, "optim.lr=5e-3", "num_threads=1", f"out_dir={out_dir}",
     ]
 
 
@@ -99,3 +100,105 @@ def test_resume_after_interruption(tmp_path, sample_dir, compose_config, tiny_ba
     assert straight.keys() == interrupted.keys()
     for name in straight:
         torch.testing.assert_close(interrupted[name], straight[name], rtol=0, atol=1e-6, msg=name)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# A killed process (SIGKILL, no Python exception handling, no checkpoint on the way out) under
+# trainer.max_epochs: the default of conf/sft.yaml. With max_epochs set, the optimizer's schedule asks Lightning
+# for ``estimated_stepping_batches``, which builds the train loader before the loops are restored; the sampler
+# position must reach it all the same (it travels in the datamodule's checkpoint entry).
+# --------------------------------------------------------------------------------------------------------------
+
+_KILLABLE_RUN = """
+import json, os, signal, sys
+sys.path.insert(0, sys.argv[1])
+from lightning.pytorch import Callback
+from conftest import compose
+from stllava_med.train_sft import run_train_sft
+
+class Record(Callback):
+    # one line per trained batch, written before the next one starts: what this process trained on
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        with open(os.environ["BATCH_LOG"], "a") as fh:
+            fh.write(json.dumps({"step": trainer.global_step, "epoch": trainer.current_epoch,
+                                 "uids": list(batch["uids"])}) + "\\n")
+        if trainer.global_step == int(os.environ.get("KILL_AT_STEP", "-1")):
+            os.kill(os.getpid(), signal.SIGKILL)  # before this step's checkpoint is written
+
+run_train_sft(compose("sft", json.loads(sys.argv[2])), callbacks=[Record()])
+"""
+
+
+def _killable(overrides: list[str], batch_log: Path, kill_at: int | None = None) -> int:
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "BATCH_LOG": str(batch_log), "OMP_NUM_THREADS": "1"}
+    env.pop("KILL_AT_STEP", None)
+    if kill_at is not None:
+        env["KILL_AT_STEP"] = str(kill_at)
+    tests_dir = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-c", _KILLABLE_RUN, str(tests_dir), json.dumps(overrides)], env=env,
+                          capture_output=True, text=True, timeout=600)
+    if kill_at is None and done.returncode != 0:
+        raise AssertionError(f"the run failed ({done.returncode}):\n{done.stderr[-4000:]}")
+    return done.returncode
+
+
+def _batches(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_sigkill_mid_epoch_resumes_exactly_under_max_epochs(tmp_path, sample_dir, compose_config, tiny_backbone_path):
+    import signal
+
+    instruct = _instruct_file(tmp_path, sample_dir)
+
+    def overrides(out_dir: Path) -> list[str]:
+        # two whole epochs (no max_steps), as conf/sft.yaml's max_epochs runs; every step checkpointed
+        return _overrides(instruct, sample_dir, out_dir, ("trainer.max_steps=-1", "trainer.max_epochs=2",
+                                                          "checkpoint.every_n_steps=1", "export.merged=false"))
+
+    cfg = compose_config("sft", overrides(tmp_path / "x"))
+    assert (cfg.trainer.max_epochs, cfg.trainer.max_steps, cfg.checkpoint.every_n_steps) == (2, -1, 1)
+
+    straight = tmp_path / "straight"
+    _killable(overrides(straight), tmp_path / "straight.jsonl")
+    reference = _batches(tmp_path / "straight.jsonl")
+    per_epoch = sum(b["epoch"] == 0 for b in reference)
+    assert 4 <= per_epoch <= 10 and len(reference) == 2 * per_epoch
+    assert [b["step"] for b in reference] == list(range(1, 2 * per_epoch + 1))
+    # a fresh order each epoch, so that restarting an epoch from its first batch could not go unnoticed
+    assert [b["uids"] for b in reference[:per_epoch]] != [b["uids"] for b in reference[per_epoch:]]
+
+    out_dir = tmp_path / "killed"
+    log = tmp_path / "killed.jsonl"
+    # killed in epoch 0 (after the checkpoint of step 1), at the start of epoch 1 (the checkpoint is epoch 0's
+    # last step) and in epoch 1
+    kills = [2, per_epoch + 1, per_epoch + 3]
+    for kill_at in kills:
+        assert _killable(overrides(out_dir), log, kill_at=kill_at) == -signal.SIGKILL
+        assert _ckpt_step(out_dir) == kill_at - 1
+    _killable(overrides(out_dir), log)  # the same command again finishes the run
+    trained = _batches(log)
+    attempts, starts = [], [0] + [i for i in range(1, len(trained)) if trained[i]["step"] <= trained[i - 1]["step"]]
+    for begin, end in zip(starts, starts[1:] + [len(trained)]):
+        attempts.append(trained[begin:end])
+    # each attempt went on right after its checkpoint, on the batches the uninterrupted run trained there
+    firsts = [1] + [k for k in kills]
+    lasts = kills + [2 * per_epoch]
+    assert [(a[0]["step"], a[-1]["step"]) for a in attempts] == list(zip(firsts, lasts))
+    for attempt in attempts:
+        assert [b["step"] for b in attempt] == list(range(attempt[0]["step"], attempt[-1]["step"] + 1))
+        for batch in attempt:
+            assert batch == reference[batch["step"] - 1]
+
+    summary = json.loads((out_dir / "metrics.json").read_text())
+    assert summary["resumed_from"] == str(out_dir / "checkpoints" / "last.ckpt")
+    assert summary["global_step"] == 2 * per_epoch
+    expected = load_file(straight / "adapter" / "adapter_model.safetensors")
+    resumed = load_file(out_dir / "adapter" / "adapter_model.safetensors")
+    assert expected.keys() == resumed.keys() and any("multi_modal_projector" in k for k in expected)
+    for name, tensor in expected.items():
+        assert torch.equal(resumed[name], tensor), name
