@@ -205,6 +205,7 @@ class StopOnSignal(Callback):
         self.stopped_at: int | None = None  # global step of the stop checkpoint
         self._previous: dict[int, Any] = {}
         self._active = False
+        self._pid = os.getpid()
         self._step_at_batch_start = -1
 
     # -- handlers -------------------------------------------------------------------------------------------------
@@ -220,6 +221,8 @@ class StopOnSignal(Callback):
         if threading.current_thread() is not threading.main_thread():
             return  # signal handlers can only be set from the main thread (Lightning skips them too)
         requeue = self._requeue_signal(trainer)
+        self._pid = os.getpid()
+        owned: list[str] = []
         for name in self.SIGNALS:
             signum = int(getattr(signal, name))
             current = signal.getsignal(signum)
@@ -233,7 +236,10 @@ class StopOnSignal(Callback):
             if current != self._handle:  # a second fit with this callback: keep the handler from before ours
                 self._previous[signum] = current
             signal.signal(signum, self._handle)
+            owned.append(f"{name} → exit {signal_exit_code(signum)}")
         self._active = True
+        if owned:
+            log.info("on %s: a checkpoint at the next optimizer step (%s), then stop", ", ".join(owned), self.path)
 
     def _restore(self) -> None:
         self._active = False
@@ -245,6 +251,10 @@ class StopOnSignal(Callback):
         # _previous stays: after a failed fit Lightning re-installs the handlers it found, ours among them
 
     def _handle(self, signum: int, frame: Any) -> None:
+        if os.getpid() != self._pid:
+            # a DataLoader worker forked during training inherits this handler: a scheduler signals the whole
+            # process group, and the worker must keep serving batches until the main process stops at the step
+            return
         previous = self._previous.get(signum, signal.SIG_DFL)
         name = signal.Signals(signum).name
         if not self._active:

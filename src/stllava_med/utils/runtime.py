@@ -205,3 +205,57 @@ def objective(cfg: DictConfig, stage: str, metrics: Mapping[str, Any]) -> float 
         atomic_write_json(info_path, {**load_json(info_path),
                                       "objective": {"key": key, "value": value, "direction": wanted or None}})
     return value
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Honest endings: a stage that stops before it finished exits non-zero
+# --------------------------------------------------------------------------------------------------------------
+
+# Exit statuses of a stage that stopped before finishing (docs/stages.md, "Exit status"). A stage stopped by a
+# signal exits 128 + the signal's number, the status a shell reports for a process the signal killed: 143 for
+# SIGTERM (15), 138 for SIGUSR1 (10). The judge exits 3 when a budget stopped it and 4 when the expert did.
+JUDGE_EXIT_BUDGET = 3
+JUDGE_EXIT_EXPERT = 4
+
+
+def signal_exit_code(signum: int) -> int:
+    """``128 + signum``: 143 for SIGTERM, 138 for SIGUSR1."""
+    return 128 + int(signum)
+
+
+class StageStopped(SystemExit):
+    """A stage stopped before it finished, resumably (a signal, a budget, a dead expert): the process exits with
+    ``code``. A SystemExit, so that Lightning (which re-raises it after its teardown), Hydra (which records only
+    ``Exception`` s as failed jobs) and the pipeline (which writes ``DONE.json`` only after a stage returns) pass
+    it on untouched, and the exit status reaches the scheduler."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(code)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class StageIncomplete(RuntimeError):
+    """Inside a Hydra multirun, a stage that stopped early fails its job instead of exiting: the sweep runs its
+    other jobs and Hydra exits non-zero at the end."""
+
+
+def _in_multirun() -> bool:
+    try:
+        from hydra.types import RunMode
+
+        return HydraConfig.get().mode == RunMode.MULTIRUN
+    except ValueError:  # not under @hydra.main
+        return False
+
+
+def exit_incomplete(stage: str, code: int, message: str) -> None:
+    """End a stage that stopped before finishing: ``message`` is the job's last log line, then the process exits
+    with ``code`` (a single run), or the job fails with :class:`StageIncomplete` (a multirun: the other jobs
+    still run and Hydra exits non-zero after them)."""
+    log.error("%s: %s (exit %d)", stage, message, code)
+    if _in_multirun():
+        raise StageIncomplete(f"{stage}: {message}")
+    raise StageStopped(code, f"{stage}: {message}")
