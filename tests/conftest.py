@@ -91,3 +91,19 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+# Tiers. `make test` runs everything; `make test-fast` (-m "not slow") leaves out the modules below — whole
+# training runs, subprocess sweeps and launchers, SIGKILL / signal resumes, DDP, the wheel build and the family
+# stage runs — besides tests marked @pytest.mark.slow one by one.
+SLOW_MODULES = {
+    "test_console", "test_convert_checkpoint", "test_dpo_train", "test_family_stages", "test_grad_accumulation",
+    "test_judge_exit", "test_pipeline", "test_selftrain_generate", "test_selftrain_judge", "test_sft_qlora",
+    "test_sft_resume", "test_sft_train", "test_sft_vision_lora", "test_signals", "test_wheel_install",
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.module is not None and item.module.__name__.rsplit(".", 1)[-1] in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)

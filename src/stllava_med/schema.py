@@ -61,8 +61,8 @@ class OptimSettings:
         if values.get("projector_modules") is not None:
             values["projector_modules"] = [str(m) for m in values["projector_modules"]]
         settings = cls(**values)
-        if settings.lr <= 0:
-            raise ValueError(f"{where}.lr must be > 0, got {settings.lr}")
+        if settings.lr < 0:
+            raise ValueError(f"{where}.lr must be >= 0, got {settings.lr}")
         if not 0.0 <= settings.warmup_ratio < 1.0:
             raise ValueError(f"{where}.warmup_ratio must be in [0, 1), got {settings.warmup_ratio}")
         return settings
@@ -397,7 +397,7 @@ class DPOStage(_Objective, _Stage):
 
 @dataclass
 class GenerateStage(_Stage):
-    run_name: str = "${backbone.name}-${generate.question_source}"
+    run_name: str = "${backbone.name}-${.generate.question_source}"  # relative: also inside the pipeline
     device: str = "auto"                  # auto | cpu | cuda | cuda:1
     data: DataSets = field(default_factory=DataSets)
     generate: GenerateSettings = field(default_factory=GenerateSettings)

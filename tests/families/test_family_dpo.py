@@ -165,7 +165,7 @@ def test_reference_modes_equal_the_base_model(family, family_path, shard, tmp_pa
     assert policy.training
 
     # precomputed, as train_dpo builds it: the datamodule's scan and reference batches, adapter_off as source
-    data = PreferenceDataModule(PreferenceDataSettings(path=str(shard), batch_size=4, val_ratio=0.0, progress=False),
+    data = PreferenceDataModule(PreferenceDataSettings(path=str(shard), batch_size=4, val_fraction=0.0, progress=False),
                                 backbone.processor, FMT)
     data.setup("fit")
     assert len(data.train_entries) == len(PAIRS) and not data.train_scan.report["skipped"]

@@ -88,13 +88,13 @@ def test_sft_trains_and_exports_a_model_that_reloads(family, family_path, finetu
                           f"sft.finetune={finetune}", "trainer.max_steps=3", "trainer.enable_progress_bar=false",
                           "logger=none", "data.val_fraction=0"])
     assert cfg.data.batch_size == 8  # the stage default
-    records, _ = load_vqa_rad(Path(cfg.data.vqa_rad_sample_train.root), "train")
+    records, _ = load_vqa_rad(Path(cfg.data.sets.vqa_rad_sample_train.root), "train")
     assert distinct_sizes(sorted({r.image for r in records})[:8]) > 1
     summary = run_train_sft(cfg)
     assert summary["status"] == "complete" and summary["global_step"] == 3
     assert finite(summary["metrics"]["train/loss"]), summary["metrics"]
 
-    merged = Path(summary["merged_dir"])
+    merged = Path(summary["export"]["merged"])
     reloaded = load_backbone({"name_or_path": str(merged), "name": "merged"})
     family_obj = family_of(reloaded.model)
     assert family_name(merged) == family_name(family_path) == family_obj.name
@@ -208,7 +208,7 @@ def run_dpo(family, family_path, shard, out_dir, *extra):
     from stllava_med.train_dpo import run_train_dpo
 
     cfg = compose("dpo", [*backbone_overrides(family, family_path), f"data.path={shard}", f"out_dir={out_dir}",
-                          "data.num_workers=0", "data.progress=false", "data.val_ratio=0.2",
+                          "data.num_workers=0", "data.progress=false", "data.val_fraction=0.2",
                           f"data.scan_cache_dir={out_dir.parent}/scan",
                           f"dpo.reference_cache_dir={out_dir.parent}/reference",
                           "trainer.max_steps=2", "trainer.enable_progress_bar=false", "logger=none",
@@ -256,7 +256,7 @@ def test_evaluate_on_sample_questions(family, family_path, tmp_path):
 
     out = tmp_path / "eval"
     cfg = compose("evaluate", [*backbone_overrides(family, family_path), f"out_dir={out}",
-                               "data.vqa_rad_sample.limit=8", "eval.max_new_tokens=4", "eval.progress=false",
+                               "data.sets.vqa_rad_sample.limit=8", "eval.max_new_tokens=4", "eval.progress=false",
                                "print_table=false"])
     assert cfg.eval.batch_size == 8
     results = run_evaluate(cfg)

@@ -37,7 +37,7 @@ def shard(tmp_path_factory):
 
 
 def tiny_dpo(tmp_path: Path, shard: Path, *extra: str) -> list[str]:
-    return [f"data.path={shard}", "data.batch_size=4", "data.num_workers=0", "data.val_ratio=0.25",
+    return [f"data.path={shard}", "data.batch_size=4", "data.num_workers=0", "data.val_fraction=0.25",
             "data.progress=false", f"data.scan_cache_dir={tmp_path}/scan", f"dpo.reference_cache_dir={tmp_path}/ref",
             "trainer.max_steps=2", "num_threads=1", "export.merged=false", *extra]
 
@@ -179,7 +179,7 @@ def test_a_finished_run_says_the_new_logger_got_nothing(tmp_path, tiny_backbone_
     from stllava_med.train_sft import run_train_sft
 
     out = tmp_path / "sft"
-    base = ["experiment=sft_tiny", "trainer.max_steps=2", "trainer.enable_progress_bar=false", "sft.export=false",
+    base = ["experiment=sft_tiny", "trainer.max_steps=2", "trainer.enable_progress_bar=false", "export.merged=false",
             "data.val_fraction=0", f"out_dir={out}", "print_summary=false"]
     first = run_train_sft(compose("sft", [*base, "logger=none"]))
     with caplog.at_level(logging.INFO, logger="stllava_med"):

@@ -31,7 +31,7 @@ def processor(tiny_backbone_path):
 
 
 def datamodule(processor, path, tmp_path=None, **overrides):
-    settings = PreferenceDataSettings(path=str(path), progress=False, **{"batch_size": 3, "val_ratio": 0.0, **overrides})
+    settings = PreferenceDataSettings(path=str(path), progress=False, **{"batch_size": 3, "val_fraction": 0.0, **overrides})
     dm = PreferenceDataModule(settings, processor, ChatFormat(), out_dir=tmp_path)
     dm.setup("fit")
     return dm
@@ -92,7 +92,7 @@ def test_fractions_are_nested_and_validation_is_fixed(processor, tmp_path):
     selected = {}
     for fraction in (0.25, 0.5, 1.0):
         out = tmp_path / f"run{fraction}"
-        datamodule(processor, tmp_path / "p.jsonl", out, fraction=fraction, val_ratio=0.1)
+        datamodule(processor, tmp_path / "p.jsonl", out, fraction=fraction, val_fraction=0.1)
         selected[fraction] = set((out / "selected_ids.txt").read_text().split())
         val = set((out / "val_ids.txt").read_text().split())
         assert val and not (val & selected[fraction])

@@ -38,7 +38,7 @@ def test_foreign_files_give_the_pairs_our_shards_give(processor, files, tmp_path
     from stllava_med.data.pairs.settings import PreferenceDataSettings
 
     def digests(path, **extra):
-        settings = PreferenceDataSettings(path=path if isinstance(path, list) else str(path), val_ratio=0.0, progress=False, batch_size=4,
+        settings = PreferenceDataSettings(path=path if isinstance(path, list) else str(path), val_fraction=0.0, progress=False, batch_size=4,
                                           convert_cache_dir=str(tmp_path / "converted"), **extra)
         dm = PreferenceDataModule(settings, processor, ChatFormat(), out_dir=tmp_path / "run")
         dm.setup("fit")
@@ -64,7 +64,7 @@ def test_train_dpo_runs_on_a_trl_file(kind, files, tmp_path, tiny_backbone_path)
 
     out = tmp_path / "run"
     cfg = compose("dpo", [f"data.path={files[kind]}", f"out_dir={out}", "data.batch_size=4", "data.num_workers=0",
-                          "data.val_ratio=0", "data.progress=false", f"data.scan_cache_dir={tmp_path}/scan",
+                          "data.val_fraction=0", "data.progress=false", f"data.scan_cache_dir={tmp_path}/scan",
                           f"data.convert_cache_dir={tmp_path}/converted", "trainer.enable_progress_bar=false",
                           "trainer.max_steps=2", "trainer.max_epochs=1", "export.merged=false", "num_threads=1",
                           f"dpo.reference_cache_dir={tmp_path}/reference"])

@@ -33,7 +33,7 @@ def setup(tmp_path_factory, tiny_backbone_path):
     rows[0]["chosen"] = "The mass is in the right upper lobe, with a small effusion."
     rows[1]["prompt"] = "Where is the abnormality, and is it enhancing after contrast?"
     path = write_shard(tmp_path_factory.mktemp("pairs") / "p.jsonl", rows)
-    settings = PreferenceDataSettings(path=str(path), batch_size=6, val_ratio=0.0, progress=False)
+    settings = PreferenceDataSettings(path=str(path), batch_size=6, val_fraction=0.0, progress=False)
     dm = PreferenceDataModule(settings, backbone.processor, ChatFormat())
     dm.setup("fit")
     batch = dm.collator([item for item in dm.train_dataset().slot_stream(0)][:6])

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.integration
 
 
 def make_datamodule(backbone, path, **overrides):
-    settings = PreferenceDataSettings(path=str(path), progress=False, **{"batch_size": 4, "val_ratio": 0.0, **overrides})
+    settings = PreferenceDataSettings(path=str(path), progress=False, **{"batch_size": 4, "val_fraction": 0.0, **overrides})
     dm = PreferenceDataModule(settings, backbone.processor, ChatFormat())
     dm.setup("fit")
     return dm

@@ -31,7 +31,7 @@ def setup(tmp_path_factory, tiny_backbone_path):
     backbone = tiny_backbone(lora=True)
     perturb_lora(backbone.model)  # the policy differs from its reference
     path = write_shard(tmp_path_factory.mktemp("pairs") / "p.jsonl", sample_pairs(10))
-    settings = PreferenceDataSettings(path=str(path), batch_size=4, val_ratio=0.2, progress=False)
+    settings = PreferenceDataSettings(path=str(path), batch_size=4, val_fraction=0.2, progress=False)
     dm = PreferenceDataModule(settings, backbone.processor, ChatFormat())
     dm.setup("fit")
     return backbone, dm

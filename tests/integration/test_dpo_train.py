@@ -20,9 +20,9 @@ pytestmark = pytest.mark.integration
 
 def overrides(tmp_path, shard, out_dir, *extra):
     return [f"data.path={shard}", f"out_dir={out_dir}", "data.batch_size=4", "data.num_workers=0",
-            "data.val_ratio=0.25", "data.progress=false", f"data.scan_cache_dir={tmp_path}/scan",
+            "data.val_fraction=0.25", "data.progress=false", f"data.scan_cache_dir={tmp_path}/scan",
             f"dpo.reference_cache_dir={tmp_path}/reference", "trainer.enable_progress_bar=false",
-            "trainer.max_steps=4", "trainer.max_epochs=2", "checkpoint_every_n_steps=1", "optim.lr=2e-3", "optim.projector_lr=2e-3",
+            "trainer.max_steps=4", "trainer.max_epochs=2", "checkpoint.every_n_steps=1", "optim.lr=2e-3", "optim.projector_lr=2e-3",
             "num_threads=1", *extra]
 
 
@@ -70,7 +70,7 @@ def test_a_run_trains_validates_and_exports(tmp_path, shard, tiny_backbone_path)
     cfg = compose("dpo", overrides(tmp_path, shard, out, "dpo.reference=precomputed"))
     summary = run_train_dpo(cfg)
     pairs = summary["pairs"]
-    # the validation split is a seeded hash of pair ids at val_ratio 0.25: some of the 16 pairs, not all
+    # the validation split is a seeded hash of pair ids at val_fraction 0.25: some of the 16 pairs, not all
     assert summary["global_step"] == 4 and pairs["train"] + pairs["val"] == 16 and pairs["skipped"] == {}
     assert 1 <= pairs["val"] <= 8
     assert summary["reference_cache"]["computed_now"] == 16  # train + val, images included
@@ -86,7 +86,7 @@ def test_a_run_trains_validates_and_exports(tmp_path, shard, tiny_backbone_path)
     merged = AutoModelForImageTextToText.from_pretrained(out / "merged")
     processor = AutoProcessor.from_pretrained(out / "merged")
     adapted = load_backbone({"name_or_path": str(tiny_backbone_path), "adapter_path": str(out / "adapter")})
-    settings = PreferenceDataSettings(path=str(shard), batch_size=4, val_ratio=0.0, progress=False)
+    settings = PreferenceDataSettings(path=str(shard), batch_size=4, val_fraction=0.0, progress=False)
     dm = PreferenceDataModule(settings, processor, ChatFormat())
     dm.setup("fit")
     batch = next(iter(dm.train_dataset()))
@@ -114,7 +114,7 @@ class CrashAt(Callback):
 
 
 def test_resume_after_interruption_matches_an_uninterrupted_run(tmp_path, shard, tiny_backbone_path):
-    quick = ("export.merged=false", "data.val_ratio=0")  # the adapter is enough to compare
+    quick = ("export.merged=false", "data.val_fraction=0")  # the adapter is enough to compare
     straight = tmp_path / "straight"
     run_train_dpo(compose("dpo", overrides(tmp_path, shard, straight, *quick)))
     crashed = tmp_path / "crashed"
@@ -144,7 +144,7 @@ def test_ddp_on_two_cpu_processes(tmp_path, tiny_backbone_path):
     command = [sys.executable, "-m", "stllava_med.train_dpo", f"data.path={shard}", f"out_dir={out}",
                "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp",
                "+trainer.use_distributed_sampler=false", "trainer.max_steps=3", "data.batch_size=3",
-               "data.num_workers=1", "data.val_ratio=0.2", "dpo.reference=precomputed",
+               "data.num_workers=1", "data.val_fraction=0.2", "dpo.reference=precomputed",
                f"dpo.reference_cache_dir={tmp_path}/reference", f"data.scan_cache_dir={tmp_path}/scan",
                "num_threads=1", "trainer.enable_progress_bar=false", "data.progress=false",
                f"hydra.run.dir={tmp_path}/hydra"]

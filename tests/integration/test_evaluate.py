@@ -26,7 +26,7 @@ def _run(*args: str) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def eval_run(tmp_path_factory, tiny_backbone_path):
     out = tmp_path_factory.mktemp("eval")
-    proc = _run("stllava_med.evaluate", "data.vqa_rad_sample.limit=40", "eval.batch_size=16",
+    proc = _run("stllava_med.evaluate", "data.sets.vqa_rad_sample.limit=40", "eval.batch_size=16",
                 "eval.max_new_tokens=8", f"out_dir={out}", "eval.progress=false")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out, proc
@@ -62,7 +62,7 @@ def test_rerun_resumes_from_predictions(eval_run, tiny_backbone_path):
     pred = out / "vqa_rad_sample" / "predictions.jsonl"
     lines = pred.read_text().splitlines()
     pred.write_text("\n".join(lines[:25]) + "\n" + lines[25][:20])  # a killed run: 25 lines + a torn one
-    cfg = compose("evaluate", ["data.vqa_rad_sample.limit=40", "eval.batch_size=16", "eval.max_new_tokens=8",
+    cfg = compose("evaluate", ["data.sets.vqa_rad_sample.limit=40", "eval.batch_size=16", "eval.max_new_tokens=8",
                                f"out_dir={out}", "eval.progress=false", "print_table=false"])
     results = run_evaluate(cfg, out)
     assert results["vqa_rad_sample"]["generated"] == 15  # only the missing questions were decoded

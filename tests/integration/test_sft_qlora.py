@@ -50,8 +50,8 @@ def test_qlora_keeps_learning_after_validation(tmp_path, compose_config, tiny_ba
         "logger=none", "trainer.enable_progress_bar=false", "backbone.quantization=4bit", "data.fraction=0.15",
         "data.val_fraction=0.1", "data.batch_size=4", "data.cache_images=true", "trainer.max_epochs=2",
         # validate mid-epoch: an epoch-end checkpoint happens to restore the layout, a mid-epoch pass does not
-        "trainer.val_check_interval=2", "sft.checkpoint_every_n_steps=1000",
-        "sft.lr=5e-3", "num_threads=1", f"out_dir={tmp_path / 'run'}",
+        "trainer.val_check_interval=2", "checkpoint.every_n_steps=1000",
+        "optim.lr=5e-3", "num_threads=1", f"out_dir={tmp_path / 'run'}",
     ])
     summary = run_train_sft(cfg, callbacks=[probe])
     assert probe.guard is not None, "a quantised backbone must train with BnbCpuGuard"
@@ -59,6 +59,6 @@ def test_qlora_keeps_learning_after_validation(tmp_path, compose_config, tiny_ba
     assert probe.validations >= 2 and len(probe.per_step) == summary["global_step"] > 4
     assert all(total > 0 for total in probe.per_step), probe.per_step
     assert probe.packed_steps == 0, f"{probe.packed_steps} training steps ran on repacked 4-bit weights"
-    assert summary["merged_dir"] is None and "4-bit" in summary["merge_error"]
+    assert summary["export"]["merged"] is None and "4-bit" in summary["export"]["merged_skipped"]
     adapter = tmp_path / "run" / "adapter"
     assert json.loads((adapter / "adapter_config.json").read_text())["r"] == cfg.backbone.lora.r

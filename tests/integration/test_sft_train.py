@@ -99,7 +99,7 @@ def test_loss_decreases(trained, tiny_backbone_path, sample_dir):
     conversations = [c for c in vqa_to_conversations(records, dataset="vqa_rad_sample_train") if c.uid in held_out]
     assert len(conversations) == len(held_out) > 0
     before = _held_out_loss(str(tiny_backbone_path), conversations)
-    after = _held_out_loss(summary["merged_dir"], conversations)
+    after = _held_out_loss(summary["export"]["merged"], conversations)
     print(f"held-out loss: untrained {before:.3f}, fine-tuned {after:.3f}")
     assert after < before - 0.3, (before, after)
     # the model learns both to answer and to ask
@@ -180,7 +180,7 @@ def test_fine_tuned_model_asks_questions(trained, tiny_backbone_path, sample_dir
     conversations = vqa_to_conversations(records, dataset="vqa_rad_sample_test")
     expected_closing = sum(m.text.endswith("?") for c in conversations for m in c.messages[2::2])
     before = _questioner_likelihoods(str(tiny_backbone_path), conversations)
-    after = _questioner_likelihoods(summary["merged_dir"], conversations)
+    after = _questioner_likelihoods(summary["export"]["merged"], conversations)
     print(f"questioner-role likelihoods on held-out questions: untrained {before}, fine-tuned {after}")
     # the measurement covers what it claims: every follow-up question is a questioner target
     assert before["closing_questions"] == after["closing_questions"] == expected_closing >= 50, (before, after)
@@ -197,11 +197,11 @@ def test_export_loads_in_evaluation_and_as_a_dpo_base(trained, tmp_path):
     from stllava_med.evaluate import run_evaluate
 
     _, summary, _ = trained
-    cfg = compose("evaluate", [f"backbone.name_or_path={summary['merged_dir']}", "data.vqa_rad_sample.limit=6",
+    cfg = compose("evaluate", [f"backbone.name_or_path={summary['export']['merged']}", "data.sets.vqa_rad_sample.limit=6",
                                "eval.progress=false", "print_table=false", f"out_dir={tmp_path / 'eval'}"])
     results = run_evaluate(cfg)
     assert results["vqa_rad_sample"]["n_scored"] == 6
     # DPO puts a fresh LoRA on the stage-1 model (reference = adapter off = the stage-1 weights)
-    dpo_base = load_backbone({"name_or_path": summary["merged_dir"], "name": "policy0",
+    dpo_base = load_backbone({"name_or_path": summary["export"]["merged"], "name": "policy0",
                               "lora": {"enabled": True, "r": 4, "alpha": 8}})
     assert any("lora_A" in n for n, _ in dpo_base.model.named_parameters())

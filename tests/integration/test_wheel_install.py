@@ -92,9 +92,26 @@ def test_installed_package_runs_from_elsewhere(installed, tmp_path, tiny_backbon
     # Hydra's bookkeeping under the working directory (no out_dir given).
     assert tiny_backbone_path == REPO_ROOT / "data" / "backbones" / "tiny"
     _run([sys.executable, "-m", "stllava_med.evaluate", "backbone=tiny", f"paths.data_dir={REPO_ROOT / 'data'}",
-          "data.vqa_rad_sample.limit=2", "eval.max_new_tokens=4", "eval.progress=false", "print_table=false",
+          "data.sets.vqa_rad_sample.limit=2", "eval.max_new_tokens=4", "eval.progress=false", "print_table=false",
           "device=cpu", "num_threads=1"], cwd=tmp_path, env=env)
     (metrics_file,) = (tmp_path / "logs" / "runs" / "evaluate").glob("tiny-*/vqa_rad_sample/metrics.json")
     metrics = json.loads(metrics_file.read_text())
     assert metrics["n_open"] + metrics["n_closed"] == 2
     assert list((tmp_path / "logs" / "hydra" / "evaluate").iterdir())
+
+
+def test_installed_package_runs_the_whole_method(installed, tmp_path, tiny_backbone_path):
+    """The demo's shape from the wheel alone: ``pipeline experiment=smoke`` (SFT → generate → judge → DPO →
+    evaluate, every stage composed from the wheel's configs) run from a directory outside the repository."""
+    _, site = installed
+    root = tmp_path / "pipe"
+    proc = _run([sys.executable, "-m", "stllava_med.pipeline", "experiment=smoke", f"paths.data_dir={REPO_ROOT / 'data'}",
+                 f"out_dir={root}"], cwd=tmp_path, env=_env(site))
+    summary = json.loads((root / "pipeline_summary.json").read_text())
+    assert set(summary["stages"]) == {"sft", "evaluate/stage1", "round1/generate", "round1/judge", "round1/dpo",
+                                      "evaluate/dpo_round1"}
+    assert (root / "table.md").read_text().count("| vqa_rad_sample |") == 2
+    for label in ("stage1", "dpo_round1"):
+        metrics = summary["evaluations"][label]["vqa_rad_sample"]
+        assert metrics["n_open"] + metrics["n_closed"] == 24  # smoke evaluates 24 questions
+    assert "STLLaVA-Med pipeline" in proc.stdout

@@ -12,10 +12,10 @@ from stllava_med.chat import ChatFormat
 from stllava_med.data.pairs.settings import PreferenceDataSettings
 from stllava_med.data.sft_datamodule import SFTDataSettings
 from stllava_med.dpo.module import DPOSettings
+from stllava_med.schema import STAGE_SCHEMAS, OptimSettings, SFTSettings
 from stllava_med.selftrain.generate import GenerationSettings
 from stllava_med.selftrain.judge import JudgeSettings
 from stllava_med.selftrain.pairs import PairSettings
-from stllava_med.schema import STAGE_SCHEMAS, OptimSettings, SFTSettings
 from stllava_med.utils.config import UnknownConfigKey, check_keys, precheck_overrides
 
 

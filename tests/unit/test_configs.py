@@ -66,7 +66,7 @@ def test_every_group_option_composes(primary, group, option):
 
 def test_multi_dataset_selection_is_namespaced():
     cfg = compose("evaluate", ["data=[vqa_rad,slake]"])
-    assert set(cfg.data) == {"vqa_rad", "slake"} and cfg.data.slake.language == "en"
+    assert set(cfg.data.sets) == {"vqa_rad", "slake"} and cfg.data.sets.slake.language == "en"
 
 
 def test_score_composes_with_paths():

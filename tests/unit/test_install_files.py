@@ -101,4 +101,6 @@ def test_entry_points_find_their_configs_installed_or_not():
                 entries += 1
                 config_path = next(k.value for k in node.keywords if k.arg == "config_path")
                 assert not isinstance(config_path, ast.Constant), f"{path.name}: config_path is a literal"
+            elif isinstance(node, ast.Call) and ast.unparse(node.func) == "stage_main":
+                entries += 1  # utils.config.stage_main: hydra.main(config_path=conf_dir(), ...) after the precheck
     assert entries >= 7

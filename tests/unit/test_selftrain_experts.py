@@ -154,15 +154,21 @@ def test_image_data_url_passes_jpeg_through_and_converts_other_formats(tmp_path,
 
 
 def test_build_expert_refuses_inline_keys_and_needs_one_for_the_real_api(monkeypatch):
+    from omegaconf import OmegaConf
+
+    from conftest import compose
     from stllava_med.judge import build_expert
 
+    openai = OmegaConf.to_container(compose("judge", ["expert=openai"]).expert, resolve=True)  # conf/expert/openai.yaml
     with pytest.raises(ValueError, match="environment variable"):
-        build_expert({"kind": "openai", "model": "gpt-4o", "api_key": "sk-inline"})
+        build_expert({**openai, "api_key": "sk-inline"})
     monkeypatch.delenv("STLLAVA_TEST_ABSENT_KEY", raising=False)
     with pytest.raises(ValueError, match="STLLAVA_TEST_ABSENT_KEY"):
-        build_expert({"kind": "openai", "model": "gpt-4o", "api_key_env": "STLLAVA_TEST_ABSENT_KEY"})
+        build_expert({**openai, "api_key_env": "STLLAVA_TEST_ABSENT_KEY"})
     monkeypatch.setenv("STLLAVA_TEST_PRESENT_KEY", "sk-test-0123456789")
-    expert = build_expert({"kind": "openai", "model": "gpt-4o", "api_key_env": "STLLAVA_TEST_PRESENT_KEY"})
+    with pytest.raises(ValueError, match=r"expert\.timeout_s is missing"):  # defaults live in conf/expert only
+        build_expert({k: v for k, v in openai.items() if k != "timeout_s"} | {"api_key_env": "STLLAVA_TEST_PRESENT_KEY"})
+    expert = build_expert({**openai, "api_key_env": "STLLAVA_TEST_PRESENT_KEY"})
     assert "sk-test" not in repr(expert) and "sk-test" not in str(vars(expert).get("identity"))
     with pytest.raises(ValueError, match="unknown expert kind"):
         build_expert({"kind": "oracle"})
