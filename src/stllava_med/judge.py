@@ -29,7 +29,14 @@ from stllava_med.selftrain.store import JudgementStore
 from stllava_med.utils import config as _config  # noqa: F401  (registers resolvers)
 from stllava_med.utils.config import resolve_out_dir, save_config, stage_main
 from stllava_med.utils.io import atomic_write_json
-from stllava_med.utils.runtime import finish_run, print_summary, quiet_known_noise
+from stllava_med.utils.runtime import (
+    JUDGE_EXIT_BUDGET,
+    JUDGE_EXIT_EXPERT,
+    exit_incomplete,
+    finish_run,
+    print_summary,
+    quiet_known_noise,
+)
 
 # The experts are imported by kind in build_expert: the OpenAI client only for expert=openai, torch only for
 # reference / hf_local, so that judging through an API starts without either.
@@ -162,6 +169,7 @@ def run_judge(cfg: DictConfig, out_dir: Path | None = None) -> dict[str, Any]:
         "pairs_settings": {"min_margin": pair_settings.min_margin, "max_per_image": pair_settings.max_per_image},
         "seconds": round(time.perf_counter() - started, 3),
     }
+    summary["exit_code"] = exit_code(summary)  # what `python -m stllava_med.judge` exits with
     atomic_write_json(out_dir / "summary.json", summary)
     log.info("judge: %d judged, %d failed, %d unjudged → %d pairs (%d ties, %d under margin, %d capped)%s",
              pair_stats.judged, pair_stats.failed, pair_stats.unjudged, pair_stats.pairs, pair_stats.ties_dropped,
@@ -183,9 +191,25 @@ def summary_rows(summary: dict[str, Any]) -> dict[str, Any]:
             "preference shards": str(Path(summary["store"]).parent / "preference")}
 
 
+def exit_code(summary: Mapping[str, Any]) -> int:
+    """0 when every candidate has a judgement; 3 when a budget (``expert.max_requests`` / ``max_cost_usd``)
+    stopped the run first; 4 when the expert did (unavailable, unreachable, a fatal HTTP error such as 401 / 404).
+    Documented in ``--help`` (conf/hydra/help/judge.yaml) and docs/stages.md."""
+    if summary.get("complete", False):
+        return 0
+    return JUDGE_EXIT_BUDGET if str(summary.get("stopped") or "").startswith("budget") else JUDGE_EXIT_EXPERT
+
+
 @stage_main("judge")
 def main(cfg: DictConfig) -> None:
-    run_judge(cfg)
+    summary = run_judge(cfg)
+    code = exit_code(summary)
+    if code:
+        what = "budget" if code == JUDGE_EXIT_BUDGET else "expert"
+        exit_incomplete("judge", code, f"stopped ({what}) with {summary.get('unjudged')} of "
+                        f"{summary.get('questions')} candidates unjudged — {summary.get('stopped') or 'no reason'}; "
+                        f"{'raise the budget' if what == 'budget' else 'fix the expert'} and rerun the same command "
+                        "to continue (nothing judged is asked again)")
 
 
 if __name__ == "__main__":

@@ -14,6 +14,10 @@ surviving faults, and commits each judgement to the store before moving on.
   store has ever spent, so a resumed run does not get a fresh allowance. Before each request the runner checks
   the budget with the request's estimated cost reserved; when it would be exceeded, no new request starts,
   requests in flight finish and are stored, and the run ends with ``stopped`` naming the reason.
+* **Visible retries**: retries are logged at WARNING as they happen, rate-limited — the first of a burst (after
+  an answer), then every :data:`RETRY_LOG_EVERY` retries or :data:`RETRY_LOG_EVERY_S` seconds, with how many
+  were not shown. An expert that has not answered once since the run started (server down, wrong port) stops
+  the run as soon as the first judgement exhausts its retries, instead of after ``max_consecutive_failures``.
 * **Resume**: judgements already in the store are never asked again (keys hash the expert model, prompt
   version, image bytes, question and answers); identical candidates share one request.
 """
@@ -48,6 +52,9 @@ from stllava_med.utils.io import sha256_file
 log = logging.getLogger(__name__)
 
 RETRY_FAILED = ("none", "transient", "all")
+# Retry log lines: the first retry of a burst, then one every RETRY_LOG_EVERY retries or RETRY_LOG_EVERY_S seconds.
+RETRY_LOG_EVERY = 20
+RETRY_LOG_EVERY_S = 30.0
 
 
 @dataclass
@@ -195,6 +202,43 @@ class RunStats:
         }
 
 
+class _RetryLog:
+    """WARNING lines for retries, rate-limited: the first of a burst (no retry logged since the expert last
+    answered), then every :data:`RETRY_LOG_EVERY` retries or :data:`RETRY_LOG_EVERY_S` seconds, each saying how
+    many retries went unlogged since the line before; an answer after a logged burst is logged at INFO."""
+
+    def __init__(self, every: int = RETRY_LOG_EVERY, every_s: float = RETRY_LOG_EVERY_S,
+                 clock: Any = time.monotonic) -> None:
+        self.every, self.every_s, self.clock = every, every_s, clock
+        self.in_burst = False
+        self.burst_retries = 0
+        self.burst_started = 0.0
+        self.unlogged = 0
+        self.last_logged = 0.0
+
+    def retry(self, message: str) -> bool:
+        now = self.clock()
+        if not self.in_burst:
+            self.in_burst, self.burst_retries, self.burst_started, self.unlogged = True, 0, now, 0
+            due = True
+        else:
+            due = self.unlogged + 1 >= self.every or now - self.last_logged >= self.every_s
+        self.burst_retries += 1
+        if not due:
+            self.unlogged += 1
+            return False
+        suffix = f" ({self.unlogged} more since the last line)" if self.unlogged else ""
+        log.warning("%s%s", message, suffix)
+        self.unlogged, self.last_logged = 0, now
+        return True
+
+    def answered(self) -> None:
+        if self.in_burst:
+            log.info("expert answering again after %d retries in %.0f s", self.burst_retries,
+                     self.clock() - self.burst_started)
+        self.in_burst = False
+
+
 def _reason_class(reason: str) -> str:
     """A short class of a failure reason for counting (the full reason stays in the store)."""
     return reason.split(":", 1)[0][:60]
@@ -251,6 +295,8 @@ class JudgeRunner:
         self._reserved_cost = 0.0
         self._request_finished = asyncio.Condition()
         self._consecutive_failures = 0
+        self._answered = 0  # replies (valid or not) this run: 0 means the expert has not answered since the start
+        self._retry_log = _RetryLog()
         self._bar: Any = None
         self._last_postfix = 0.0
         self._started = 0.0
@@ -378,6 +424,10 @@ class JudgeRunner:
                 self._request_finished.notify_all()
             request: dict[str, Any] = {"attempt": attempt, "seconds": seconds, "prompt_tokens": prompt_tokens,
                                        "completion_tokens": completion_tokens, "cost_usd": cost}
+            if result is not None or getattr(error, "status", None) is not None or isinstance(error, InvalidResponse):
+                self._answered += 1  # the server replied (an HTTP error is a reply too)
+            if result is not None or isinstance(error, InvalidResponse | ItemError):
+                self._retry_log.answered()
             if result is not None:
                 self._consecutive_failures = 0
                 self._finish(judgement("ok", scores=list(result.scores), rationales=list(result.rationales),
@@ -394,6 +444,8 @@ class JudgeRunner:
                                            retryable=False), {**request, "outcome": "invalid"})
                     return
                 self.store.log_request(key, outcome="invalid", **request)
+                self._retry_log.retry(f"expert reply invalid, asking again ({invalid}/{settings.max_invalid_retries}) "
+                                      f"for {candidate.id}: {reason_text}")
                 attempt += 1
                 continue
             if isinstance(error, TransientError):
@@ -406,12 +458,21 @@ class JudgeRunner:
                                            failure=f"gave up after {transient} attempts: {reason_text}"),
                                  {**request, "outcome": "transient"})
                     self._consecutive_failures += 1
-                    if self._consecutive_failures >= settings.max_consecutive_failures:
+                    self._retry_log.retry(f"expert gave up on {candidate.id} after {transient} attempts: {reason_text} "
+                                          f"(stored as retryable; {self._consecutive_failures} in a row, the run "
+                                          f"stops at {settings.max_consecutive_failures})")
+                    if self._answered == 0:
+                        self.stop(f"expert unavailable: no answer since the run started ({self.stats.requests} "
+                                  f"requests, {transient} attempts for {candidate.id}; last: {reason_text})")
+                    elif self._consecutive_failures >= settings.max_consecutive_failures:
                         self.stop(f"expert unavailable: {self._consecutive_failures} judgements in a row failed "
                                   f"after {settings.max_retries} retries (last: {reason_text})")
                     return
                 self.store.log_request(key, outcome="transient", **request)
-                await asyncio.sleep(self._backoff(transient, error.retry_after))
+                delay = self._backoff(transient, error.retry_after)
+                self._retry_log.retry(f"expert retry {transient}/{settings.max_retries} for {candidate.id}: "
+                                      f"{reason_text}; next in {delay:.1f} s")
+                await asyncio.sleep(delay)
                 attempt += 1
                 continue
             if isinstance(error, ItemError):

@@ -15,6 +15,7 @@ import base64
 import email.utils
 import io
 import logging
+import socket
 import time
 from collections import OrderedDict
 from pathlib import Path
@@ -126,6 +127,7 @@ class OpenAIExpert(Expert):
         # A server may echo request headers in an error body; reasons and replies are stored, so scrub the key.
         self._scrub = _scrubber(api_key)
         self._images: OrderedDict[tuple[str, int | None], str] = OrderedDict()
+        self._replied = False  # the server has answered at least once (any HTTP status)
 
     def __repr__(self) -> str:  # no key, no client internals
         return f"OpenAIExpert(model={self.model!r}, base_url={self.base_url!r})"
@@ -179,8 +181,13 @@ class OpenAIExpert(Expert):
         except openai.APITimeoutError:
             raise TransientError(f"timeout after {self.timeout_s:g}s") from None
         except openai.APIConnectionError as err:
-            raise TransientError(f"connection error: {type(err.__cause__ or err).__name__}") from None
+            reason = self._scrub(_connection_reason(err, self.base_url))
+            if _unresolvable(err) and not self._replied:
+                # a host name that does not resolve before the server ever answered: a typo, not a blip
+                raise FatalError(reason) from None
+            raise TransientError(reason) from None
         except openai.APIStatusError as err:
+            self._replied = True
             status = err.status_code
             reason = self._scrub(f"HTTP {status}: {_short(err.message)}")
             if status == 429 or status >= 500 or status in (408, 409):
@@ -192,6 +199,7 @@ class OpenAIExpert(Expert):
             raise InvalidResponse(self._scrub(f"response body is not JSON: {_short(str(err))}")) from None
         except openai.APIResponseValidationError as err:
             raise InvalidResponse(self._scrub(f"response body is not a chat completion: {_short(str(err))}")) from None
+        self._replied = True
         if isinstance(response, str | bytes) or not getattr(response, "choices", None):
             raise InvalidResponse("response body is not a chat completion (no choices)")
         usage = getattr(response, "usage", None)
@@ -222,6 +230,36 @@ class OpenAIExpert(Expert):
 
     async def aclose(self) -> None:
         await self._client.close()
+
+
+def _causes(err: BaseException) -> list[BaseException]:
+    chain, seen = [], set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    return chain
+
+
+def _unresolvable(err: BaseException) -> bool:
+    """The host name does not exist (EAI_NONAME), as opposed to a resolver that failed for now (EAI_AGAIN)."""
+    for cause in _causes(err):
+        if isinstance(cause, socket.gaierror):
+            return cause.errno in (socket.EAI_NONAME, getattr(socket, "EAI_NODATA", socket.EAI_NONAME))
+        if "Name or service not known" in str(cause) or "nodename nor servname" in str(cause):
+            return True
+    return False
+
+
+def _connection_reason(err: BaseException, base_url: str | None) -> str:
+    """``connection error to <url>: <what the socket said>`` (refused, unresolvable host, reset...)."""
+    detail = ""
+    for cause in _causes(err)[1:]:  # the deepest cause with an errno says most (ConnectionRefusedError, gaierror)
+        text = " ".join(str(cause).split())
+        if text and (not detail or getattr(cause, "errno", None) is not None):
+            detail = f"{type(cause).__name__}: {_short(text, 120)}"
+    return f"connection error to {base_url or 'api.openai.com'}: {detail or type(err).__name__}"
 
 
 def _scrubber(secret: str) -> Any:
