@@ -32,6 +32,17 @@ def eval_run(tmp_path_factory, tiny_backbone_path):
     return out, proc
 
 
+def test_the_run_directory_records_the_overrides_that_made_it(eval_run):
+    import yaml
+
+    out, _ = eval_run
+    recorded = yaml.safe_load((out / "config_overrides.yaml").read_text())
+    assert recorded["overrides"] == ["data.sets.vqa_rad_sample.limit=40", "eval.batch_size=16", "eval.max_new_tokens=8",
+                                     f"out_dir={out}", "eval.progress=false"]
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert config["eval"]["batch_size"] == 16 and config["data"]["sets"]["vqa_rad_sample"]["limit"] == 40
+
+
 def test_cli_writes_predictions_metrics_and_table(eval_run, sample_dir):
     from stllava_med.data.vqa import load_vqa_rad
 

@@ -282,11 +282,31 @@ def redact(obj: Any) -> Any:
 
 
 def save_config(cfg: DictConfig, out_dir: Path, name: str = "config.yaml") -> Path:
-    """Write the resolved config (secrets redacted, Hydra section dropped) into the run directory."""
+    """Write the resolved config (secrets redacted, Hydra section dropped) into the run directory, and beside it
+    ``<name>_overrides.yaml`` (``config_overrides.yaml``): the command-line overrides that made it, when the
+    run was launched by Hydra (``python -m stllava_med.<stage> ...``)."""
     container = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
     assert isinstance(container, dict)
     container.pop("hydra", None)
+    overrides = command_line_overrides()
+    if overrides is not None:
+        atomic_write_text(out_dir / f"{Path(name).stem}_overrides.yaml", OmegaConf.to_yaml(OmegaConf.create(
+            {"overrides": overrides, "argv": [redact_override(a) for a in sys.argv[1:]]})))
     return atomic_write_text(out_dir / name, OmegaConf.to_yaml(OmegaConf.create(redact(container))))
+
+
+def redact_override(override: str) -> str:
+    key, sep, value = override.partition("=")
+    return f"{key}{sep}<redacted>" if sep and value and SECRET_KEY_PATTERN.search(key.lstrip("+~")) else override
+
+
+def command_line_overrides() -> list[str] | None:
+    """This Hydra job's overrides (a sweep job's own values), secrets redacted; None outside ``@hydra.main``."""
+    try:
+        task = HydraConfig.get().overrides.task
+    except ValueError:
+        return None
+    return [redact_override(str(o)) for o in task]
 
 
 def flat_config(cfg: DictConfig | Mapping[str, Any], sep: str = ".") -> dict[str, Any]:
