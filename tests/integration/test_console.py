@@ -190,6 +190,17 @@ def test_a_finished_run_says_the_new_logger_got_nothing(tmp_path, tiny_backbone_
     assert not (out / "logs" / "tensorboard").exists()
 
 
+def test_a_run_without_its_objective_metric_finishes_with_exit_code_0(tmp_path, tiny_backbone_path):
+    """train_sft data.val_fraction=0 has no val/loss (the default objective): a plain run warns and succeeds;
+    only a sweep, whose sweeper needs the number, fails on it."""
+    proc = _python("stllava_med.train_sft", "experiment=sft_tiny", "trainer.max_steps=2", "export.merged=false",
+                   "data.val_fraction=0", "trainer.enable_progress_bar=false", f"out_dir={tmp_path / 'sft'}",
+                   "logger=none")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "objective='val/loss' is not a metric of this run" in proc.stderr + proc.stdout
+    assert (tmp_path / "sft" / "metrics.json").is_file()
+
+
 def test_a_finished_dpo_run_says_training_was_not_logged_again(tmp_path, shard, tiny_backbone_path, caplog):
     from stllava_med.train_dpo import run_train_dpo
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, ListConfig
 
 from stllava_med.utils.config import hydra_output_dir, resolve_out_dir, save_config, setup_torch_threads
@@ -174,12 +175,21 @@ def _sweeper_direction() -> str | None:
     return str(direction).rsplit(".", 1)[-1]  # Direction.maximize -> maximize
 
 
+def _single_run() -> bool:
+    """True in a plain ``@hydra.main`` run (not a multirun, whose sweeper needs the objective)."""
+    try:
+        return HydraConfig.get().mode == RunMode.RUN
+    except ValueError:  # not under @hydra.main: a caller that asked for the value
+        return False
+
+
 def objective(cfg: DictConfig, stage: str, metrics: Mapping[str, Any]) -> float | None:
     """The value of ``cfg.objective`` among ``metrics`` (flat ``{"val/loss": 0.5, ...}``), the float an entry
     point returns so that a Hydra sweeper (``hydra/sweeper=optuna``) can optimise it; None when
     ``objective: null``. Also written into the job's ``run_info.json``.
 
-    A name this run lacks raises :class:`MissingObjective` listing the names it has. Optuna's direction lives
+    A name this run lacks raises :class:`MissingObjective` listing the names it has (in a sweep, or called
+    outside Hydra); a plain single run only warns, since nothing reads the value. Optuna's direction lives
     in the sweeper config (``hydra.sweeper.direction=maximize``); a sweep whose direction disagrees with
     ``objective_direction`` gets a warning."""
     key = cfg.get("objective")
@@ -187,6 +197,11 @@ def objective(cfg: DictConfig, stage: str, metrics: Mapping[str, Any]) -> float 
         return None
     key = str(key)
     numbers = {str(k): v for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+    if key not in numbers and _single_run():
+        # a plain run (no sweeper reads the value) has done its work: say so, do not fail it
+        log.warning("%s: objective=%r is not a metric of this run (e.g. no validation split); nothing is returned. "
+                    "Available: %s", stage, key, ", ".join(sorted(numbers)) or "none")
+        return None
     if key not in numbers:
         raise MissingObjective(
             f"{stage}: objective={key!r} is not a metric of this run (its results are written; only the "
