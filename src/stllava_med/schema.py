@@ -207,6 +207,9 @@ class DPOSettings:
     precompute_batch_size: int | None = None
     reference_cache_dir: str | None = None  # precomputed log-probs (the stage schema sets the shared cache)
     gradient_checkpointing: bool = False  # turns prefix sharing off
+    # TRL's DPOConfig.disable_dropout (its default too): every dropout of the policy at p=0 while it trains, so the
+    # policy / reference log-ratio is not sampling noise. false: the backbone's own dropout (LoRA's lora.dropout).
+    disable_dropout: bool = True
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any] | None) -> DPOSettings:

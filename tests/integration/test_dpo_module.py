@@ -169,3 +169,31 @@ def test_qlora_on_cpu_keeps_lora_gradients_after_validation(tmp_path, tiny_backb
         error = max(float((step[n] - g).abs().max() / g.abs().max()) for n, g in first.items())
         assert error < 0.05
     assert guard.restored > 0  # the trap did spring, and the guard undid it
+
+
+@pytest.mark.parametrize("disable_dropout", [True, False])
+def test_the_policy_trains_in_train_mode_and_dropout_follows_disable_dropout(shard, disable_dropout, tiny_backbone_path):
+    """from_pretrained hands back eval-mode modules: fit puts the policy in train mode; dpo.disable_dropout (TRL's
+    default, true) zeroes every dropout, false keeps LoRA's. Either way the adapter-off reference is deterministic
+    and leaves the policy's mode as it found it."""
+    backbone = tiny_backbone(dropout=0.5)
+    perturb_lora(backbone.model)
+    model = backbone.model
+    reference = AdapterOffReference(model)
+    module = DPOModule(model, reference, DPOSettings(disable_dropout=disable_dropout), {"lr": 0.0})
+    dm = make_datamodule(backbone, shard)
+    seen = {}
+
+    class Probe(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            dropouts = [m.p for m in pl_module.policy.modules() if isinstance(m, torch.nn.Dropout)]
+            seen["training"] = pl_module.policy.training
+            seen["dropout"] = max(dropouts)
+            first, second = reference.logps(batch), reference.logps(batch)
+            seen["reference_equal"] = all(torch.equal(a, b) for a, b in zip(first, second))
+            seen["training_after"] = pl_module.policy.training
+
+    quiet_trainer(max_steps=1, callbacks=[Probe()]).fit(module, datamodule=dm)
+    assert seen["training"] and seen["training_after"]
+    assert seen["dropout"] == (0.0 if disable_dropout else 0.5)
+    assert seen["reference_equal"]

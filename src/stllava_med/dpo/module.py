@@ -32,6 +32,7 @@ from torchmetrics import MeanMetric
 from stllava_med.dpo.logps import LogProbs
 from stllava_med.dpo.losses import chosen_nll_loss, dpo_loss
 from stllava_med.schema import DPOSettings, OptimSettings
+from stllava_med.sft.losses import window_normalised_loss
 from stllava_med.training import TrainableOnlyCheckpoints, configure_adamw
 
 __all__ = ["DPOModule", "DPOSettings", "METRIC_NAMES"]
@@ -110,7 +111,21 @@ class DPOModule(TrainableOnlyCheckpoints, LightningModule):
                          prog_bar=name in ("loss", "rewards/accuracies"), batch_size=int(real))
         if stage == "train":
             self._log_throughput(real, out["tokens"])
+            if "window_pairs" in batch:  # the mean over the real pairs of the whole window, on every rank
+                return self._window_loss((out["losses"] * weight).sum(), batch["window_pairs"])
         return loss
+
+    def _window_loss(self, summed: torch.Tensor, window_pairs: torch.Tensor) -> torch.Tensor:
+        """``summed`` normalised so that an optimizer step follows the mean over all real pairs of its
+        accumulation window and ranks (``window_pairs``, this rank's, summed over ranks here), however the
+        window is split into micro-batches: see :func:`stllava_med.sft.losses.window_normalised_loss`."""
+        trainer = self._trainer
+        world = int(trainer.world_size) if trainer is not None else 1
+        accumulate = int(trainer.accumulate_grad_batches) if trainer is not None else 1
+        count = window_pairs.to(summed.device, torch.float64).reshape(1)
+        if world > 1:
+            count = trainer.strategy.reduce(count, reduce_op="sum")
+        return window_normalised_loss(summed, count[0], accumulate=accumulate, world_size=world)
 
     def _log_throughput(self, real_pairs: torch.Tensor, tokens: torch.Tensor) -> None:
         now = time.perf_counter()
@@ -145,6 +160,13 @@ class DPOModule(TrainableOnlyCheckpoints, LightningModule):
             mover(self.device)
 
     def on_fit_start(self) -> None:
+        # from_pretrained returns eval-mode modules: train mode for the policy, with its dropout off unless
+        # dpo.disable_dropout=false (the references run in eval mode: see stllava_med.dpo.reference)
+        self.policy.train()
+        if self.settings.disable_dropout:
+            for module in self.policy.modules():
+                if isinstance(module, nn.Dropout):
+                    module.p = 0.0
         self._place_reference()
         prepare = getattr(self.reference, "prepare", None)
         if callable(prepare) and getattr(self.reference, "table", True) is None:

@@ -63,11 +63,16 @@ class AdapterOffReference:
     @torch.no_grad()
     def logps(self, batch: Mapping[str, Any], *, vision_features: torch.Tensor | None = None
               ) -> tuple[torch.Tensor, torch.Tensor]:
-        with self.policy.disable_adapter():
-            features = None
-            if self.logprobs.fast:
-                features = self.logprobs.image_features(batch, vision_features if self.shares_vision else None)
-            out = self.logprobs(batch, image_features=features)
+        was_training = self.policy.training
+        self.policy.eval()  # the reference is deterministic whatever the policy's dropout
+        try:
+            with self.policy.disable_adapter():
+                features = None
+                if self.logprobs.fast:
+                    features = self.logprobs.image_features(batch, vision_features if self.shares_vision else None)
+                out = self.logprobs(batch, image_features=features)
+        finally:
+            self.policy.train(was_training)
         return out.chosen.detach(), out.rejected.detach()
 
     def to(self, device: torch.device) -> AdapterOffReference:
