@@ -172,3 +172,41 @@ def test_sft_logged_loss_is_the_window_token_mean_and_per_batch_means_differ(sft
     assert _max_diff(token_mean, sft_runs[(4, 1)]["grads"][0]) <= 1e-12 * _scale(token_mean)
     per_batch_mean = grads_of(sum(s.loss for s in stats) / 4)
     assert _max_diff(per_batch_mean, token_mean) > 1e-2 * _scale(token_mean)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# DPO
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _dpo_run(shard, batch_size: int, accumulate: int, steps: int):
+    from stllava_med.data.pairs.datamodule import PreferenceDataModule
+    from stllava_med.data.pairs.settings import PreferenceDataSettings
+    from stllava_med.dpo.module import DPOModule, DPOSettings
+    from stllava_med.dpo.reference import AdapterOffReference
+
+    backbone = tiny_backbone(r=4, dropout=0.0)
+    perturb_lora(backbone.model)  # the policy starts away from the reference: the loss has a real gradient
+    settings = PreferenceDataSettings(path=str(shard), progress=False, batch_size=batch_size, val_fraction=0.0)
+    datamodule = PreferenceDataModule(settings, backbone.processor, ChatFormat())
+    module = DPOModule(backbone.model, AdapterOffReference(backbone.model), DPOSettings(),
+                       {"lr": 1e-3, "projector_lr": 1e-3, "warmup_ratio": 0.0})
+    grads = StepGradients()
+    trainer, logger = _trainer(accumulate, steps, grads)
+    trainer.fit(module, datamodule=datamodule)
+    assert trainer.global_step == steps and len(grads.grads) == steps
+    return {"grads": grads.grads, "weights": _trainable(module), "logged": logger.steps,
+            "epoch_loss": float(trainer.callback_metrics["train/loss_epoch"])}
+
+
+@pytest.mark.parametrize("pairs", [8, 6], ids=["full_windows", "short_last_window"])
+def test_dpo_accumulation_gives_the_gradients_and_losses_of_one_big_batch(tmp_path, pairs, tiny_backbone_path):
+    shard = write_shard(tmp_path / "pairs.jsonl", sample_pairs(pairs, stride=29))
+    runs = {split: _dpo_run(shard, *split, steps=2) for split in SPLITS}
+    reference = runs[(4, 1)]
+    for split, run in runs.items():
+        for step in range(2):
+            grads, expected = run["grads"][step], reference["grads"][step]
+            assert _max_diff(grads, expected) <= 1e-12 * _scale(expected), (split, step)
+        assert _max_diff(run["weights"], reference["weights"]) <= 1e-12, split
+        assert run["epoch_loss"] == pytest.approx(reference["epoch_loss"], rel=2e-6, abs=0), split

@@ -198,8 +198,14 @@ class PreferenceDataModule(LightningDataModule):
         dataset.check_every_slot_has_pairs("training pairs")
         loader = PreferenceLoader(dataset, num_workers=self.settings.num_workers,
                                   pin_memory=torch.cuda.is_available())
+        trainer = self._trainer_or_none()
+        if trainer is not None:  # the accumulation windows the loader annotates (``window_pairs``)
+            loader.accumulate = lambda: trainer.accumulate_grad_batches
+            loader.epoch_batches = lambda: (len(loader) if trainer.num_training_batches == float("inf")
+                                            else int(trainer.num_training_batches))
         if self._loader_state is not None:
             loader.load_state_dict(self._loader_state)
+            self._loader_state = None  # once: a reloaded loader (reload_dataloaders_every_n_epochs) starts fresh
         self._train_loader = loader
         return loader
 
@@ -214,6 +220,7 @@ class PreferenceDataModule(LightningDataModule):
         self._loader_state = state_dict.get("train_loader")
         if self._loader_state is not None and self._train_loader is not None:
             self._train_loader.load_state_dict(self._loader_state)
+            self._loader_state = None
 
     def val_dataloader(self) -> DataLoader | list:
         if not self.val_entries:

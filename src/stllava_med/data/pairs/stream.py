@@ -4,13 +4,15 @@ padded to a common length, and the train loader that resumes mid-epoch."""
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
 import random
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from stllava_med.data.pairs.collate import PairCollator, PairItem, identity_collate
@@ -189,7 +191,15 @@ class PreferenceLoader(DataLoader):
     """A DataLoader over :class:`PreferenceBatches` that knows its epoch and how far it got.
 
     Lightning saves ``state_dict()`` in checkpoints and calls ``load_state_dict()`` before iterating a resumed
-    run, so the interrupted epoch continues with the same order, minus the batches already trained on."""
+    run, so the interrupted epoch continues with the same order, minus the batches already trained on.
+
+    Every batch comes annotated for loss normalisation under gradient accumulation: ``window_pairs``, the real
+    pairs (total weight) of all batches of its accumulation window on this rank, which the loader looks ahead
+    over. Lightning's windows are the epoch's batches ``[k*A, (k+1)*A)`` with ``A = accumulate()``
+    (``trainer.accumulate_grad_batches``), the last one of an epoch possibly shorter."""
+
+    accumulate: Callable[[], int] | None = None
+    epoch_batches: Callable[[], int] | None = None  # batches an epoch trains on (trainer.limit_train_batches)
 
     def __init__(self, dataset: PreferenceBatches, *, num_workers: int, pin_memory: bool = False) -> None:
         super().__init__(dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
@@ -207,9 +217,21 @@ class PreferenceLoader(DataLoader):
         dataset.skip_batches = self._skip
         self._consumed = self._skip
         self._skip = 0
-        for batch in super().__iter__():
-            self._consumed += 1
-            yield batch
+        per_epoch = len(self)
+        if self.epoch_batches is not None:
+            per_epoch = min(per_epoch, int(self.epoch_batches()))
+        accumulate = max(1, int(self.accumulate())) if self.accumulate is not None else 1
+        batches = super().__iter__()
+        while self._consumed < per_epoch:
+            end = min((self._consumed // accumulate + 1) * accumulate, per_epoch)
+            window = list(itertools.islice(batches, end - self._consumed))
+            if not window:
+                return
+            pairs = torch.stack([batch["weight"].sum() for batch in window]).sum()
+            for batch in window:
+                batch["window_pairs"] = pairs
+                self._consumed += 1  # batches handed to the trainer (the state), not the ones read ahead
+                yield batch
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self._epoch, "consumed": self._consumed}
