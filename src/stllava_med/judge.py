@@ -192,10 +192,11 @@ def summary_rows(summary: dict[str, Any]) -> dict[str, Any]:
 
 
 def exit_code(summary: Mapping[str, Any]) -> int:
-    """0 when every candidate has a judgement; 3 when a budget (``expert.max_requests`` / ``max_cost_usd``)
-    stopped the run first; 4 when the expert did (unavailable, unreachable, a fatal HTTP error such as 401 / 404).
-    Documented in ``--help`` (conf/hydra/help/judge.yaml) and docs/stages.md."""
-    if summary.get("complete", False):
+    """0 when the run judged every candidate without stopping; 3 when a budget (``expert.max_requests`` /
+    ``max_cost_usd``) stopped it first; 4 when the expert did (unavailable, unreachable, a fatal HTTP error such as
+    401 / 404) — even when every candidate then has a judgement, since the last ones are stored failures that a
+    rerun asks again. Documented in ``--help`` (conf/hydra/help/judge.yaml) and docs/stages.md."""
+    if summary.get("complete", False) and not summary.get("stopped"):
         return 0
     return JUDGE_EXIT_BUDGET if str(summary.get("stopped") or "").startswith("budget") else JUDGE_EXIT_EXPERT
 
@@ -207,7 +208,8 @@ def main(cfg: DictConfig) -> None:
     if code:
         what = "budget" if code == JUDGE_EXIT_BUDGET else "expert"
         exit_incomplete("judge", code, f"stopped ({what}) with {summary.get('unjudged')} of "
-                        f"{summary.get('questions')} candidates unjudged — {summary.get('stopped') or 'no reason'}; "
+                        f"{summary.get('questions')} candidates unjudged, {summary.get('failed')} failed — "
+                        f"{summary.get('stopped') or 'no reason'}; "
                         f"{'raise the budget' if what == 'budget' else 'fix the expert'} and rerun the same command "
                         "to continue (nothing judged is asked again)")
 

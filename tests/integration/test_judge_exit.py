@@ -81,7 +81,7 @@ def test_a_budget_stop_exits_3_and_a_larger_budget_finishes_with_0(tmp_path, sam
         assert summary["exit_code"] == 3 and summary["complete"] is False
         assert summary["stopped"].startswith("budget: max_requests=3") and summary["unjudged"] == 5
         last = _log_lines(stopped)[-1]
-        assert "ERROR" in last and "judge: stopped (budget) with 5 of 8 candidates unjudged" in last, last
+        assert "ERROR" in last and "judge: stopped (budget) with 5 of 8 candidates unjudged, 0 failed — budget" in last, last
         assert "budget: max_requests=3" in last and "(exit 3)" in last
 
         finished = _run(_command(server.base_url, candidates, out_dir, "expert.max_requests=100"))
@@ -102,7 +102,7 @@ def test_a_fatal_http_404_exits_4_with_the_reason(tmp_path, sample_dir):
     summary = json.loads((out_dir / "summary.json").read_text())
     assert summary["exit_code"] == 4 and summary["stopped"].startswith("fatal: HTTP 404")
     last = _log_lines(proc)[-1]
-    assert "judge: stopped (expert) with 6 of 6 candidates unjudged — fatal: HTTP 404" in last, last
+    assert "judge: stopped (expert) with 6 of 6 candidates unjudged, 0 failed — fatal: HTTP 404" in last, last
 
 
 def test_nothing_listening_is_logged_at_once_and_exits_4_after_one_judgements_retries(tmp_path, sample_dir):
@@ -127,6 +127,18 @@ def test_nothing_listening_is_logged_at_once_and_exits_4_after_one_judgements_re
     assert summary["unjudged"] >= 36  # stopped after the first judgements, not after 50 in a row
     assert "judge: stopped (expert)" in lines[-1] and "no answer since the run started" in lines[-1]
     assert seconds < 60
+
+
+def test_a_dead_expert_exits_4_even_when_every_candidate_ended_as_a_stored_failure(tmp_path, sample_dir):
+    """Two candidates, two workers: both exhaust their retries, so none is unjudged, but both are failures a
+    rerun asks again: the run is not complete in any useful sense."""
+    candidates = _candidates(tmp_path, sample_dir, 2)
+    out_dir = tmp_path / "run"
+    proc = _run(_command(f"http://127.0.0.1:{_free_port()}/v1", candidates, out_dir, "expert.max_retries=1"))
+    assert proc.returncode == 4, proc.stderr[-3000:]
+    summary = json.loads((out_dir / "summary.json").read_text())
+    assert (summary["unjudged"], summary["failed"], summary["exit_code"]) == (0, 2, 4)
+    assert "with 0 of 2 candidates unjudged, 2 failed — expert unavailable" in _log_lines(proc)[-1]
 
 
 def test_with_default_retries_a_dead_server_is_reported_within_seconds(tmp_path, sample_dir):
