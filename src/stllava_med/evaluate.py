@@ -65,7 +65,8 @@ def run_evaluate(cfg: DictConfig, out_dir: Path | None = None) -> dict[str, Any]
     return results
 
 
-HEADLINE = ("open_recall", "open_f1", "closed_accuracy", "closed_accuracy_strict", "n_open", "n_closed")
+HEADLINE = ("open_recall", "open_f1", "closed_accuracy", "closed_accuracy_yesno", "closed_accuracy_strict", "n_open",
+            "n_closed")
 
 
 def summary_rows(results: dict[str, dict[str, Any]], backbone: str) -> dict[str, Any]:

@@ -4,8 +4,8 @@
         pred=<answers.jsonl>
 
 ``pred`` is a LLaVA answer file: one ``{"question_id": ..., "text": ...}`` per line (our predictions.jsonl
-is one too). Prints exactly one JSON object: open_recall, open_f1, closed_accuracy, closed_accuracy_strict,
-n_open, n_closed. Refuses (exit status 2) when the id sets differ, naming missing and extra ids.
+is one too). Prints exactly one JSON object: open_recall, open_f1, closed_accuracy (LLaVA-Med's
+run_eval_batch.py), closed_accuracy_yesno (its run_eval.py), closed_accuracy_strict (ours), n_open, n_closed. Refuses (exit status 2) when the id sets differ, naming missing and extra ids.
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ from stllava_med.utils.io import read_jsonl
 
 # score_vqa's module holds the torchmetrics metric (torch): imported in score_files, not at start-up.
 
-OUTPUT_KEYS = ("open_recall", "open_f1", "closed_accuracy", "closed_accuracy_strict", "n_open", "n_closed")
+OUTPUT_KEYS = ("open_recall", "open_f1", "closed_accuracy", "closed_accuracy_yesno", "closed_accuracy_strict",
+               "n_open", "n_closed")
 
 
 class IdMismatch(ValueError):

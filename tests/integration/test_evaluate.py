@@ -94,7 +94,8 @@ def test_score_cli_matches_and_refuses_mismatched_ids(eval_run, sample_dir, tmp_
     proc = _run("stllava_med.score", f"gt={gt}", f"pred={pred}")
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)  # exactly one JSON object on stdout
-    assert list(result) == ["open_recall", "open_f1", "closed_accuracy", "closed_accuracy_strict", "n_open", "n_closed"]
+    assert list(result) == ["open_recall", "open_f1", "closed_accuracy", "closed_accuracy_yesno", "closed_accuracy_strict",
+                            "n_open", "n_closed"]
     metrics = json.loads((out / "vqa_rad_sample" / "metrics.json").read_text())
     assert result["open_f1"] == pytest.approx(metrics["open_f1"])
     # against the full sample test file, 111 ids are missing; an unknown id is extra

@@ -15,6 +15,7 @@ from stllava_med.eval.metrics import (
     MedVQAMetrics,
     closed_correct,
     closed_correct_strict,
+    closed_correct_yesno,
     normalize_answer,
     open_f1_precision_recall,
     score_vqa,
@@ -224,6 +225,39 @@ def test_closed_examples(prediction: str, ground_truth: str, lenient: bool, stri
     assert closed_correct_strict(prediction, ground_truth) is strict
 
 
+@pytest.mark.parametrize(
+    ("prediction", "ground_truth", "batch", "yesno"),
+    [
+        ("CT scan", "ct", True, False),           # the GT is there, but no yes/no: a miss for run_eval.py
+        ("It is a CT, not an MRI", "ct", True, True),  # "not" contains "no"
+        ("normal chest", "normal", True, True),   # "normal" contains "no" (and the GT)
+        ("yes", "no", False, False),
+        ("No.", "no", True, True),
+        ("", "yes", False, False),
+    ],
+)
+def test_closed_yesno_requires_a_yes_or_no_substring(prediction: str, ground_truth: str, batch: bool,
+                                                      yesno: bool) -> None:
+    assert closed_correct(prediction, ground_truth) is batch
+    assert closed_correct_yesno(prediction, ground_truth) is yesno
+
+
+def test_closed_yesno_counts_misses_in_the_denominator() -> None:
+    # run_eval.py after microsoft/LLaVA-Med#35: a wrong answer that says yes/no is a 0, not left out
+    result = score_vqa(["yes", "no", "CT"], ["no", "no", "ct"], ["CLOSED"] * 3)
+    assert result["closed_accuracy_yesno"] == pytest.approx(100 / 3)
+    assert result["closed_accuracy"] == pytest.approx(200 / 3)
+
+
+def test_open_scores_normalise_twice_like_llava_med() -> None:
+    # 40 sentences: one normalisation pass removes only 32 periods (the re.UNICODE-as-count quirk); LLaVA-Med
+    # normalises in run_eval*.py and again in calculate_f1score, so all 40 "lung." become "lung"
+    prediction = " ".join(["lung."] * 40)
+    assert normalize_answer(prediction).split().count("lung.") == 8
+    f1, precision, recall = open_f1_precision_recall(prediction, "lung")
+    assert (f1, precision, recall) == (1.0, 1.0, 1.0)
+
+
 def test_closed_empty_ground_truth() -> None:
     assert closed_correct("yes", "") is True  # "" is a substring of anything
     assert closed_correct_strict("yes", "") is False
@@ -271,6 +305,7 @@ EXPECTED = {
     "open_recall": 100 * (2 / 3 + 1 / 3 + 0) / 3,
     "open_f1": 100 * (2 / 3 + 1 / 2 + 0) / 3,
     "closed_accuracy": 75.0,
+    "closed_accuracy_yesno": 75.0,
     "closed_accuracy_strict": 50.0,
     "n_open": 3,
     "n_closed": 4,
@@ -283,7 +318,7 @@ def _assert_scores(result: dict[str, float | int], expected: dict[str, float | i
         assert result[key] == pytest.approx(value), key
     assert type(result["n_open"]) is int
     assert type(result["n_closed"]) is int
-    for key in ("open_recall", "open_f1", "closed_accuracy", "closed_accuracy_strict"):
+    for key in ("open_recall", "open_f1", "closed_accuracy", "closed_accuracy_yesno", "closed_accuracy_strict"):
         assert type(result[key]) is float, key
 
 
@@ -314,6 +349,7 @@ def test_metric_forward_returns_batch_and_accumulates() -> None:
             "open_recall": 200 / 3,
             "open_f1": 200 / 3,
             "closed_accuracy": 100.0,
+            "closed_accuracy_yesno": 100.0,
             "closed_accuracy_strict": 100.0,
             "n_open": 1,
             "n_closed": 1,
@@ -331,6 +367,7 @@ def test_metric_only_closed_gives_zero_open_scores() -> None:
             "open_recall": 0.0,
             "open_f1": 0.0,
             "closed_accuracy": 50.0,
+            "closed_accuracy_yesno": 50.0,
             "closed_accuracy_strict": 50.0,
             "n_open": 0,
             "n_closed": 2,
@@ -353,6 +390,7 @@ def test_metric_reset() -> None:
             "open_recall": 0.0,
             "open_f1": 0.0,
             "closed_accuracy": 0.0,
+            "closed_accuracy_yesno": 0.0,
             "closed_accuracy_strict": 0.0,
             "n_open": 0,
             "n_closed": 0,
@@ -369,6 +407,7 @@ def test_metric_states_are_float64_sums() -> None:
         "open_f1_sum",
         "n_open",
         "closed_hits",
+        "closed_yesno_hits",
         "closed_strict_hits",
         "n_closed",
     }
@@ -377,6 +416,7 @@ def test_metric_states_are_float64_sums() -> None:
         assert isinstance(value, torch.Tensor)
         assert value.dtype == torch.float64, name
     assert metric.closed_hits.item() == 3
+    assert metric.closed_yesno_hits.item() == 3
     assert metric.closed_strict_hits.item() == 2
 
 

@@ -5,9 +5,26 @@ small script whose answer normalisation is the VQA-v2 evaluation tool's
 ``processPunctuation`` + ``processDigitArticle`` (via ViLT).  Our scores are
 only comparable to the published ones if we reproduce that normalisation
 *including its quirks*, so every quirk is kept on purpose and documented where
-it happens.  A stricter closed-question accuracy is reported alongside the
-faithful one because the faithful one is substring-based ("no" matches
-"nodule").
+it happens.
+
+Closed accuracy comes in three variants, each under its own name:
+
+* ``closed_accuracy`` -- LLaVA-Med's ``llava/eval/run_eval_batch.py`` (the
+  script behind its three-benchmark table): the normalised ground truth is a
+  substring of the normalised prediction (``"no"`` matches ``"nodule"``).
+* ``closed_accuracy_yesno`` -- LLaVA-Med's ``llava/eval/run_eval.py`` (one
+  dataset at a time): the same substring test, and the prediction must also
+  contain ``"yes"`` or ``"no"`` (again as substrings of the normalised text,
+  so ``"normal"`` or ``"nodule"`` qualify).  Misses count in the denominator:
+  that is the script as fixed in microsoft/LLaVA-Med#35 (Dec 2023, commit
+  b9a98a7); its first release (ad758b6) left a miss that contained yes/no out
+  of the denominator altogether, which inflates the number.
+* ``closed_accuracy_strict`` -- ours: the prediction starts with the ground
+  truth's words.
+
+Open recall / F1 are ``calculate_f1score`` of ``eval_metrics/evaluate_metrics.py``
+on text that ``run_eval*.py`` has already normalised once: the answer is
+normalised twice (see :func:`open_f1_precision_recall`).
 
 Everything here is pure: strings in, numbers out, no file I/O, so the same
 code can run inside a Lightning loop (through :class:`MedVQAMetrics`) or in an
@@ -29,6 +46,7 @@ __all__ = [
     "MedVQAMetrics",
     "closed_correct",
     "closed_correct_strict",
+    "closed_correct_yesno",
     "normalize_answer",
     "open_f1_precision_recall",
     "score_vqa",
@@ -234,9 +252,12 @@ def _process_punctuation(text: str) -> str:
 
 
 def normalize_answer(text: str) -> str:
-    """Normalise an answer the way LLaVA-Med's medical-VQA evaluation does.
+    """Normalise an answer the way LLaVA-Med's medical-VQA evaluation does
+    (``normalize_word(text.lower())`` of its ``eval_metrics/glossary.py``).
 
-    Steps: lower-case and strip; punctuation rule (see
+    Steps: lower-case (not strip: the punctuation rule looks for marks next to
+    a space, and the reference tests the text as it is, so a leading space
+    counts); punctuation rule (see
     :func:`_process_punctuation`); drop periods not followed by a digit (at
     most 32 of them, a reference quirk); split on whitespace; map number words
     ``"none"``..``"ten"`` to digits; drop the articles ``a``/``an``/``the``;
@@ -247,8 +268,7 @@ def normalize_answer(text: str) -> str:
     ``None`` in a JSON file does not crash a long evaluation run (note that
     ``None`` therefore becomes ``"0"`` via the ``"none"`` number word).
     """
-    text = str(text).lower().strip()
-    text = _process_punctuation(text)
+    text = _process_punctuation(str(text).lower())
     words = [_NUMBER_WORDS.get(word, word) for word in text.split()]
     words = [word for word in words if word not in _ARTICLES]
     words = [_CONTRACTIONS.get(word, word) for word in words]
@@ -267,7 +287,12 @@ def split_words(normalized: str) -> Counter[str]:
 def open_f1_precision_recall(prediction: str, ground_truth: str) -> tuple[float, float, float]:
     """Word-level ``(f1, precision, recall)`` of an open-ended answer.
 
-    Both sides are normalised with :func:`normalize_answer`.  For a word found
+    Both sides are normalised with :func:`normalize_answer` *twice*, as in
+    LLaVA-Med: ``run_eval.py`` / ``run_eval_batch.py`` normalise prediction and
+    ground truth, then ``calculate_f1score`` normalises its arguments again.
+    The second pass changes nothing except where the first hit the 32-period
+    cap (a long, many-sentence answer: the second pass removes up to 32 more
+    periods, so ``"lung."`` becomes ``"lung"``).  For a word found
     on both sides the true-positive count is the word's multiplicity in the
     *prediction* (not ``min`` of the two counts, as in SQuAD-style F1): this is
     how LLaVA-Med computes it, so repeating a correct word is never penalised
@@ -279,8 +304,8 @@ def open_f1_precision_recall(prediction: str, ground_truth: str) -> tuple[float,
     Returns ``(0.0, 0.0, 0.0)`` when either side normalises to nothing or when
     there is no overlap.
     """
-    pred_words = split_words(normalize_answer(prediction))
-    gt_words = split_words(normalize_answer(ground_truth))
+    pred_words = split_words(normalize_answer(normalize_answer(prediction)))
+    gt_words = split_words(normalize_answer(normalize_answer(ground_truth)))
     if not pred_words or not gt_words:
         return 0.0, 0.0, 0.0
 
@@ -312,6 +337,17 @@ def closed_correct(prediction: str, ground_truth: str) -> bool:
     return normalize_answer(ground_truth) in normalize_answer(prediction)
 
 
+def closed_correct_yesno(prediction: str, ground_truth: str) -> bool:
+    """LLaVA-Med ``run_eval.py``'s closed-question hit: :func:`closed_correct`
+    *and* the normalised prediction contains ``"yes"`` or ``"no"`` (substrings:
+    ``"normal"``, ``"not"`` and ``"know"`` contain ``"no"``).  A prediction
+    without either is a miss even when it contains the ground truth (an
+    ``"x-ray"`` closed answer is only right next to a yes/no).  Misses are
+    counted (the script after microsoft/LLaVA-Med#35)."""
+    pred = normalize_answer(prediction)
+    return ("yes" in pred or "no" in pred) and normalize_answer(ground_truth) in pred
+
+
 def closed_correct_strict(prediction: str, ground_truth: str) -> bool:
     """Stricter closed-question hit: the prediction must *start with* the GT words.
 
@@ -336,7 +372,7 @@ class MedVQAMetrics(torchmetrics.Metric):
 
     :meth:`compute` returns a plain ``dict`` of Python numbers with the keys
     ``open_recall``, ``open_f1``, ``closed_accuracy``,
-    ``closed_accuracy_strict`` (percentages, ``0.0`` when there is no
+    ``closed_accuracy_yesno``, ``closed_accuracy_strict`` (percentages, ``0.0`` when there is no
     question of that type) and ``n_open``, ``n_closed`` (ints).
     """
 
@@ -348,6 +384,7 @@ class MedVQAMetrics(torchmetrics.Metric):
     open_f1_sum: torch.Tensor
     n_open: torch.Tensor
     closed_hits: torch.Tensor
+    closed_yesno_hits: torch.Tensor
     closed_strict_hits: torch.Tensor
     n_closed: torch.Tensor
 
@@ -356,6 +393,7 @@ class MedVQAMetrics(torchmetrics.Metric):
         "open_f1_sum",
         "n_open",
         "closed_hits",
+        "closed_yesno_hits",
         "closed_strict_hits",
         "n_closed",
     )
@@ -389,7 +427,7 @@ class MedVQAMetrics(torchmetrics.Metric):
             )
 
         open_recall = open_f1 = 0.0
-        n_open = closed_hits = closed_strict_hits = n_closed = 0
+        n_open = closed_hits = closed_yesno_hits = closed_strict_hits = n_closed = 0
         for prediction, answer, answer_type in zip(predictions, answers, answer_types, strict=True):
             if normalize_answer_type(answer_type) == "OPEN":
                 f1, _, recall = open_f1_precision_recall(prediction, answer)
@@ -398,6 +436,7 @@ class MedVQAMetrics(torchmetrics.Metric):
                 n_open += 1
             else:
                 closed_hits += int(closed_correct(prediction, answer))
+                closed_yesno_hits += int(closed_correct_yesno(prediction, answer))
                 closed_strict_hits += int(closed_correct_strict(prediction, answer))
                 n_closed += 1
 
@@ -405,6 +444,7 @@ class MedVQAMetrics(torchmetrics.Metric):
         self.open_f1_sum += open_f1
         self.n_open += n_open
         self.closed_hits += closed_hits
+        self.closed_yesno_hits += closed_yesno_hits
         self.closed_strict_hits += closed_strict_hits
         self.n_closed += n_closed
 
@@ -420,6 +460,7 @@ class MedVQAMetrics(torchmetrics.Metric):
             "open_recall": percent(self.open_recall_sum, n_open),
             "open_f1": percent(self.open_f1_sum, n_open),
             "closed_accuracy": percent(self.closed_hits, n_closed),
+            "closed_accuracy_yesno": percent(self.closed_yesno_hits, n_closed),
             "closed_accuracy_strict": percent(self.closed_strict_hits, n_closed),
             "n_open": n_open,
             "n_closed": n_closed,

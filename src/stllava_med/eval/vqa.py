@@ -37,7 +37,7 @@ from stllava_med.utils.io import (
 
 log = logging.getLogger(__name__)
 
-METRIC_KEYS = ("open_recall", "open_f1", "closed_accuracy", "closed_accuracy_strict")
+METRIC_KEYS = ("open_recall", "open_f1", "closed_accuracy", "closed_accuracy_yesno", "closed_accuracy_strict")
 
 
 LLAVA_ANSWER_KEYS = ("question_id", "prompt", "text", "answer_id", "model_id", "metadata")
@@ -138,13 +138,15 @@ def score_rows(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 
 def markdown_table(results: dict[str, dict[str, Any]], *, title_column: str = "dataset") -> str:
-    """A Markdown table: one row per entry, the four VQA metrics (×100) and question counts."""
-    header = f"| {title_column} | open recall | open F1 | closed acc. | closed acc. (strict) | n open | n closed |"
-    lines = [header, "|---|---:|---:|---:|---:|---:|---:|"]
+    """A Markdown table: one row per entry, the VQA metrics (×100) and question counts. "closed acc." is
+    LLaVA-Med's run_eval_batch.py, "(yes/no)" its run_eval.py, "(strict)" ours (:mod:`stllava_med.eval.metrics`)."""
+    header = (f"| {title_column} | open recall | open F1 | closed acc. | closed acc. (yes/no) | closed acc. (strict) "
+              "| n open | n closed |")
+    lines = [header, "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name, m in results.items():
         lines.append(
             f"| {name} | {m['open_recall']:.2f} | {m['open_f1']:.2f} | {m['closed_accuracy']:.2f} | "
-            f"{m['closed_accuracy_strict']:.2f} | {m['n_open']} | {m['n_closed']} |"
+            f"{m['closed_accuracy_yesno']:.2f} | {m['closed_accuracy_strict']:.2f} | {m['n_open']} | {m['n_closed']} |"
         )
     return "\n".join(lines) + "\n"
 
