@@ -159,6 +159,35 @@ def save_checkpoint_atomically(trainer: Trainer, path: Path) -> Path:
     return path
 
 
+class CountResumedEpoch(Callback):
+    """Counts an epoch as started when Lightning (2.6) forgot to.
+
+    Resumed from a checkpoint written at the end of an epoch's last batch (every ``last.ckpt`` at an epoch end,
+    and a step checkpoint that falls there), the fit loop runs the next epoch without incrementing its
+    ``epoch_progress`` ready / started counters (it stays in its restarted-mid-epoch state, which also skips
+    ``on_train_epoch_start``). A checkpoint written later in that epoch then reads as an epoch boundary, and
+    with ``trainer.max_epochs`` set a run resumed from it restarts the epoch's batch count at 0 while the loader
+    goes on where it was: batch indices, accumulation windows and the epoch's last optimizer step are off. At
+    the epoch's first batch this puts the counters where a fresh epoch has them."""
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        progress = trainer.fit_loop.epoch_progress
+        if progress.current.ready == progress.current.processed:  # in an epoch that was never counted
+            progress.increment_ready()
+            progress.increment_started()
+
+
+class StepCheckpoint(ModelCheckpoint):
+    """Lightning's step checkpoints, minus a save at the first batch of a resumed run: a fresh ModelCheckpoint
+    has saved no step yet, so it would write the checkpoint's own step again after that batch, which under
+    gradient accumulation is inside a window (its gradient is in no checkpoint) and which a run killed before
+    its next step would resume from."""
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        self._last_global_step_saved = trainer.global_step  # that step is on disk (or step 0: nothing to save)
+
+
 class LastCheckpoint(Callback):
     """Writes ``last.ckpt`` after the last batch of each epoch and when training ends."""
 
@@ -441,9 +470,9 @@ def build_trainer(trainer_cfg: Mapping[str, Any], out_dir: Path, *, logger_cfg: 
     # steps. Every save happens at a batch end: Lightning resumes mid-epoch state exactly from those, whereas
     # its epoch-end checkpoints resume into a confused epoch counter.
     last = out_dir / "checkpoints" / "last.ckpt"
-    all_callbacks: list[Callback] = [LastCheckpoint(last), StopOnSignal(last)]
+    all_callbacks: list[Callback] = [CountResumedEpoch(), LastCheckpoint(last), StopOnSignal(last)]
     if checkpoint_every_n_steps:
-        all_callbacks.append(ModelCheckpoint(
+        all_callbacks.append(StepCheckpoint(
             dirpath=out_dir / "checkpoints", filename="step{step:07d}", auto_insert_metric_name=False,
             # top_k=1 without a monitor keeps the newest file; Lightning writes last.ckpt only on steps where
             # a top-k file was saved, so top_k=0 would never write it

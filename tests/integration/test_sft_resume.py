@@ -12,6 +12,7 @@ import torch
 from lightning.pytorch import Callback
 from safetensors.torch import load_file
 
+from killable_run import attempts, read_batches, run_stage
 from stllava_med.train_sft import run_train_sft
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("one_thread")]
@@ -109,46 +110,6 @@ def test_resume_after_interruption(tmp_path, sample_dir, compose_config, tiny_ba
 # position must reach it all the same (it travels in the datamodule's checkpoint entry).
 # --------------------------------------------------------------------------------------------------------------
 
-_KILLABLE_RUN = """
-import json, os, signal, sys
-sys.path.insert(0, sys.argv[1])
-from lightning.pytorch import Callback
-from conftest import compose
-from stllava_med.train_sft import run_train_sft
-
-class Record(Callback):
-    # one line per trained batch, written before the next one starts: what this process trained on
-    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-        with open(os.environ["BATCH_LOG"], "a") as fh:
-            fh.write(json.dumps({"step": trainer.global_step, "epoch": trainer.current_epoch,
-                                 "uids": list(batch["uids"])}) + "\\n")
-        if trainer.global_step == int(os.environ.get("KILL_AT_STEP", "-1")):
-            os.kill(os.getpid(), signal.SIGKILL)  # before this step's checkpoint is written
-
-run_train_sft(compose("sft", json.loads(sys.argv[2])), callbacks=[Record()])
-"""
-
-
-def _killable(overrides: list[str], batch_log: Path, kill_at: int | None = None) -> int:
-    import os
-    import subprocess
-    import sys
-
-    env = {**os.environ, "BATCH_LOG": str(batch_log), "OMP_NUM_THREADS": "1"}
-    env.pop("KILL_AT_STEP", None)
-    if kill_at is not None:
-        env["KILL_AT_STEP"] = str(kill_at)
-    tests_dir = Path(__file__).resolve().parents[1]
-    done = subprocess.run([sys.executable, "-c", _KILLABLE_RUN, str(tests_dir), json.dumps(overrides)], env=env,
-                          capture_output=True, text=True, timeout=600)
-    if kill_at is None and done.returncode != 0:
-        raise AssertionError(f"the run failed ({done.returncode}):\n{done.stderr[-4000:]}")
-    return done.returncode
-
-
-def _batches(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
 
 def test_sigkill_mid_epoch_resumes_exactly_under_max_epochs(tmp_path, sample_dir, compose_config, tiny_backbone_path):
     import signal
@@ -164,13 +125,13 @@ def test_sigkill_mid_epoch_resumes_exactly_under_max_epochs(tmp_path, sample_dir
     assert (cfg.trainer.max_epochs, cfg.trainer.max_steps, cfg.checkpoint.every_n_steps) == (2, -1, 1)
 
     straight = tmp_path / "straight"
-    _killable(overrides(straight), tmp_path / "straight.jsonl")
-    reference = _batches(tmp_path / "straight.jsonl")
+    run_stage("sft", overrides(straight), tmp_path / "straight.jsonl")
+    reference = read_batches(tmp_path / "straight.jsonl")
     per_epoch = sum(b["epoch"] == 0 for b in reference)
     assert 4 <= per_epoch <= 10 and len(reference) == 2 * per_epoch
     assert [b["step"] for b in reference] == list(range(1, 2 * per_epoch + 1))
     # a fresh order each epoch, so that restarting an epoch from its first batch could not go unnoticed
-    assert [b["uids"] for b in reference[:per_epoch]] != [b["uids"] for b in reference[per_epoch:]]
+    assert [b["ids"] for b in reference[:per_epoch]] != [b["ids"] for b in reference[per_epoch:]]
 
     out_dir = tmp_path / "killed"
     log = tmp_path / "killed.jsonl"
@@ -178,18 +139,13 @@ def test_sigkill_mid_epoch_resumes_exactly_under_max_epochs(tmp_path, sample_dir
     # last step) and in epoch 1
     kills = [2, per_epoch + 1, per_epoch + 3]
     for kill_at in kills:
-        assert _killable(overrides(out_dir), log, kill_at=kill_at) == -signal.SIGKILL
+        assert run_stage("sft", overrides(out_dir), log, kill_at=kill_at) == -signal.SIGKILL
         assert _ckpt_step(out_dir) == kill_at - 1
-    _killable(overrides(out_dir), log)  # the same command again finishes the run
-    trained = _batches(log)
-    attempts, starts = [], [0] + [i for i in range(1, len(trained)) if trained[i]["step"] <= trained[i - 1]["step"]]
-    for begin, end in zip(starts, starts[1:] + [len(trained)]):
-        attempts.append(trained[begin:end])
+    run_stage("sft", overrides(out_dir), log)  # the same command again finishes the run
     # each attempt went on right after its checkpoint, on the batches the uninterrupted run trained there
-    firsts = [1] + [k for k in kills]
-    lasts = kills + [2 * per_epoch]
-    assert [(a[0]["step"], a[-1]["step"]) for a in attempts] == list(zip(firsts, lasts))
-    for attempt in attempts:
+    runs = attempts(read_batches(log))
+    assert [(a[0]["step"], a[-1]["step"]) for a in runs] == list(zip([1, *kills], [*kills, 2 * per_epoch]))
+    for attempt in runs:
         assert [b["step"] for b in attempt] == list(range(attempt[0]["step"], attempt[-1]["step"] + 1))
         for batch in attempt:
             assert batch == reference[batch["step"] - 1]
