@@ -4,11 +4,13 @@ Trainer (float64, so that the comparison is not at the mercy of float32 kernels)
 
 SFT: the training loss is normalised by the target tokens of the whole accumulation window
 (:func:`stllava_med.sft.losses.window_normalised_loss`); a token mean per micro-batch would weight a
-micro-batch with few target tokens as much as one with many. DPO: the loss is a mean over pairs, so equal
-micro-batches are enough."""
+micro-batch with few target tokens as much as one with many; under DDP the count is summed over the ranks
+(two gloo processes here). DPO: the same with real pairs (an epoch's short last window was weighted by half
+before)."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -94,12 +96,16 @@ def _scale(tensors: dict[str, torch.Tensor]) -> float:
 # --------------------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def conversations(sample_dir):
+def sft_conversations(sample_dir: Path) -> list:
     """Six multi-turn conversations (windows of 4 and 2 with four examples a step) with different numbers of
     target tokens."""
     records, _ = load_vqa_rad(sample_dir, "train")
     return vqa_to_conversations(records, dataset="s", grouping="image", max_qa_per_conversation=3)[:6]
+
+
+@pytest.fixture(scope="module")
+def conversations(sample_dir):
+    return sft_conversations(sample_dir)
 
 
 def _sft_backbone():
@@ -210,3 +216,74 @@ def test_dpo_accumulation_gives_the_gradients_and_losses_of_one_big_batch(tmp_pa
             assert _max_diff(grads, expected) <= 1e-12 * _scale(expected), (split, step)
         assert _max_diff(run["weights"], reference["weights"]) <= 1e-12, split
         assert run["epoch_loss"] == pytest.approx(reference["epoch_loss"], rel=2e-6, abs=0), split
+
+
+# --------------------------------------------------------------------------------------------------------------
+# SFT under DDP: the window's target tokens are counted over both ranks
+# --------------------------------------------------------------------------------------------------------------
+
+_DDP_RUN = """
+import json, sys
+sys.path.insert(0, sys.argv[1]); sys.path.insert(0, sys.argv[1] + "/integration")
+import torch
+from lightning.pytorch import Callback, Trainer
+from test_grad_accumulation import StepGradients, _sft_backbone, sft_conversations
+from conftest import SAMPLE_DIR
+from stllava_med.chat import ChatFormat
+from stllava_med.data.sft_datamodule import SFTDataModule, SFTDataSettings
+from stllava_med.sft.module import SFTModule, SFTOptimSettings
+
+torch.set_num_threads(1)
+
+class StepLoss(Callback):
+    def __init__(self):
+        self.losses, self.step = [], 0
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        if trainer.global_step != self.step:
+            self.step = trainer.global_step
+            self.losses.append(float(trainer.callback_metrics["train/loss_step"]))
+
+backbone = _sft_backbone()
+datamodule = SFTDataModule(sft_conversations(SAMPLE_DIR), [], backbone.processor, ChatFormat(),
+                           SFTDataSettings(batch_size=1, max_length=None, cache_images=True, shuffle=False,
+                                           sq_ratio=0.5, seed=0))
+module = SFTModule(backbone.model, SFTOptimSettings(lr=1e-3, projector_lr=1e-3, warmup_ratio=0.0))
+grads, losses = StepGradients(), StepLoss()
+trainer = Trainer(accelerator="cpu", devices=2, strategy="ddp", use_distributed_sampler=False, precision="64-true",
+                  max_steps=2, max_epochs=1, accumulate_grad_batches=2, logger=False, enable_checkpointing=False,
+                  enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                  num_sanity_val_steps=0, callbacks=[grads, losses])
+trainer.fit(module, datamodule=datamodule)
+torch.save({"grads": grads.grads, "uids": grads.uids, "losses": losses.losses},
+           f"{sys.argv[2]}.rank{trainer.global_rank}")
+"""
+
+
+def test_sft_ddp_accumulation_counts_the_window_over_ranks(sft_runs, conversations, tmp_path, tiny_backbone_path):
+    """Two ranks x batch 1 x accumulation 2 (gloo) train on the four conversations of batch 4 x 1's first step,
+    then on the two of its second: the same gradients and logged window losses, which needs the window's
+    target-token count summed over the ranks."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "ddp_run.py"
+    script.write_text(_DDP_RUN)
+    out = tmp_path / "ddp"
+    tests_dir = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, str(script), str(tests_dir), str(out)], capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-4000:]
+    ranks = [torch.load(f"{out}.rank{r}", weights_only=False) for r in range(2)]
+    uids = [c.uid for c in conversations]
+    # rank r trains conversations r, r+2, r+4: window 1 is conversations 0-3, window 2 conversations 4-5
+    assert [u for b in ranks[0]["uids"] for u in b] == uids[0::2]
+    assert [u for b in ranks[1]["uids"] for u in b] == uids[1::2]
+    reference = sft_runs[(4, 1)]
+    for rank in ranks:
+        assert len(rank["grads"]) == 2
+        for step in range(2):
+            grads, expected = rank["grads"][step], reference["grads"][step]
+            assert _max_diff(grads, expected) <= 1e-12 * _scale(expected), step
+        expected_losses = [reference["logged"][step]["train/loss_step"] for step in range(2)]
+        assert rank["losses"] == pytest.approx(expected_losses, rel=0, abs=1e-12)
