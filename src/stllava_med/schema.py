@@ -238,6 +238,30 @@ class DataSets:
 
 
 @dataclass
+class ExpectedCounts:
+    """``data.sets.<name>.expect_counts``: the questions a benchmark file must hold (the paper's test splits, in
+    conf/data/llava_med_*.yaml), checked on the loaded records before ``limit``. An entry without the key, or
+    ``expect_counts: null``, checks nothing (custom subsets)."""
+
+    total: int                            # questions in the file (open + closed)
+    open: int                             # answer_type OPEN
+    closed: int                           # answer_type CLOSED
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any] | None, where: str) -> ExpectedCounts | None:
+        if cfg is None:
+            return None
+        values = _check(cls, cfg, where)
+        missing = [k for k in cls.__dataclass_fields__ if values.get(k) is None]
+        if missing:
+            raise ValueError(f"{where} needs {missing} (or null to check nothing)")
+        settings = cls(**{k: int(v) for k, v in values.items()})
+        if settings.open + settings.closed != settings.total:
+            raise ValueError(f"{where}: open {settings.open} + closed {settings.closed} != total {settings.total}")
+        return settings
+
+
+@dataclass
 class Sampling:
     temperature: float = 1.2
     top_k: int | None = 100

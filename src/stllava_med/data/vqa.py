@@ -13,7 +13,7 @@ import io
 import json
 import logging
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from stllava_med.data.answers import normalize_answer_type
+from stllava_med.schema import ExpectedCounts
 from stllava_med.utils.io import atomic_write_text, load_json, read_jsonl
 
 log = logging.getLogger(__name__)
@@ -103,6 +104,25 @@ class LoadReport:
 
 class ImageError(ValueError):
     """A record's image is missing or unreadable; the message names the record and the path."""
+
+
+class CountMismatch(ValueError):
+    """A benchmark file does not hold the questions its config expects (``data.sets.<name>.expect_counts``)."""
+
+
+def check_counts(records: Sequence[VQARecord], expected: ExpectedCounts, *, name: str, report: LoadReport) -> None:
+    """Refuse ``records`` unless they have ``expected``'s total / open / closed counts; the error names the file,
+    the counts found and expected, what the loader skipped, and the opt-out key."""
+    n_open = sum(r.answer_type == "OPEN" for r in records)
+    found = (len(records), n_open, len(records) - n_open)
+    if found == (expected.total, expected.open, expected.closed):
+        return
+    skipped = f"; the loader skipped {dict(report.skipped)} of {report.read} read" if report.skipped else ""
+    raise CountMismatch(
+        f"{report.source}: data.sets.{name} has {found[0]} questions ({found[1]} open / {found[2]} closed), expected "
+        f"{expected.total} ({expected.open} open / {expected.closed} closed){skipped}. Is this the right file? "
+        f"For a custom subset set data.sets.{name}.expect_counts=null"
+    )
 
 
 def _answer_type(value: Any, where: str) -> str:
@@ -404,7 +424,8 @@ def load_native(path: str | Path, *, on_missing_image: str = "error") -> tuple[l
 
 
 def load_vqa(spec: Mapping[str, Any]) -> tuple[list[VQARecord], LoadReport]:
-    """Load one dataset from a ``data.<name>`` config entry (``format``, ``root``/``path``, ``split``...)."""
+    """Load one dataset from a ``data.sets.<name>`` config entry (``format``, ``root``/``path``, ``split``...).
+    ``expect_counts`` (total / open / closed) refuses a file with other counts (:class:`CountMismatch`)."""
     spec = dict(spec)
     fmt = spec.get("format")
     on_missing = str(spec.get("on_missing_image", "error"))
@@ -426,6 +447,10 @@ def load_vqa(spec: Mapping[str, Any]) -> tuple[list[VQARecord], LoadReport]:
         records, report = load_native(spec["path"], on_missing_image=on_missing)
     else:
         raise ValueError(f"unknown dataset format {fmt!r}; expected one of {FORMATS}")
+    name = str(spec.get("name", fmt))
+    expected = ExpectedCounts.from_config(spec.get("expect_counts"), f"data.sets.{name}.expect_counts")
+    if expected is not None:  # the whole file, before a limit= smoke subset
+        check_counts(records, expected, name=name, report=report)
     limit = spec.get("limit")
     if limit:
         records = records[: int(limit)]
