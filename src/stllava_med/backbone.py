@@ -25,6 +25,7 @@ from transformers import AutoConfig, AutoModelForImageTextToText, BitsAndBytesCo
 
 from stllava_med.families import bind, family_of
 from stllava_med.families.processor_loading import load_processor_components
+from stllava_med.models import sq_llava as _sq_llava  # noqa: F401  (registers model_type sq_llava with the Auto classes)
 from stllava_med.tiny import ensure_tiny_backbone, tiny_spec_from_config
 from stllava_med.utils.config import check_keys
 

@@ -17,11 +17,13 @@ from stllava_med.families.llava import LLAVA
 from stllava_med.families.llava_mistral import LLAVA_MISTRAL
 from stllava_med.families.llava_next import LLAVA_NEXT
 from stllava_med.families.qwen2_vl import QWEN2_5_VL, QWEN2_VL
+from stllava_med.families.sq_llava import SQ_LLAVA, SQ_LLAVA_MISTRAL
 
 log = logging.getLogger(__name__)
 
-# Most specific first: LLaVA on Mistral before plain LLaVA.
-FAMILIES: tuple[Family, ...] = (LLAVA_MISTRAL, LLAVA, LLAVA_NEXT, QWEN2_5_VL, QWEN2_VL, IDEFICS3, SMOLVLM, GEMMA3)
+# Most specific first: LLaVA on Mistral before plain LLaVA (and so for SQ-LLaVA's cluster-projector LLaVA).
+FAMILIES: tuple[Family, ...] = (SQ_LLAVA_MISTRAL, SQ_LLAVA, LLAVA_MISTRAL, LLAVA, LLAVA_NEXT, QWEN2_5_VL, QWEN2_VL,
+                                IDEFICS3, SMOLVLM, GEMMA3)
 BY_NAME = {f.name: f for f in FAMILIES}
 # processor class -> family, for processors met without their model (a family bound at load time wins)
 _BY_PROCESSOR = {"LlavaProcessor": LLAVA, "LlavaNextProcessor": LLAVA_NEXT, "Qwen2_5_VLProcessor": QWEN2_5_VL,
