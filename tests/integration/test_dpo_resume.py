@@ -19,7 +19,7 @@ from conftest import compose
 from dpo_support import one_torch_thread, sample_pairs, write_shard  # noqa: F401  (autouse fixture)
 from killable_run import attempts, read_batches, run_stage
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]  # six processes, about a minute
 
 PAIRS, BATCH, ACCUMULATE = 16, 2, 2   # 8 micro-batches, 4 optimizer steps an epoch
 

@@ -111,6 +111,7 @@ def test_resume_after_interruption(tmp_path, sample_dir, compose_config, tiny_ba
 # --------------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # five processes, about a minute
 def test_sigkill_mid_epoch_resumes_exactly_under_max_epochs(tmp_path, sample_dir, compose_config, tiny_backbone_path):
     import signal
 
