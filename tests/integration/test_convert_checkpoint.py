@@ -201,6 +201,9 @@ CASES = {
     # STLLaVA-Med in released parts: LLM, ViT (CLIPVisionModel dir), projector (mm_projector.bin)
     "stllava_parts": dict(text="llama", projector="cluster", image_size=336, embedded_vision=False,
                           full_clip=False, pad="<unk>", shards=2, fmt="safetensors", split=True),
+    # SQ-LLaVA's cluster projector on a Mistral text model, fewer image tokens (16) than centres (256)
+    "sq_mistral": dict(text="mistral", projector="cluster", image_size=56, embedded_vision=False, full_clip=False,
+                       pad=None, shards=2, fmt="safetensors"),
 }
 
 
@@ -473,6 +476,8 @@ def test_conversion_layout_and_report(root):
     _, med = converted("llava_med", root)
     med_report = json.loads((med / "conversion.json").read_text())
     assert med_report["added_tokens"] == ["<image>", "<pad>"] and med_report["family"] == "llava_mistral"
+    _, sq_mistral = converted("sq_mistral", root)
+    assert json.loads((sq_mistral / "conversion.json").read_text())["family"] == "sq_llava_mistral"
 
 
 def test_command_line_and_clear_errors(root, tmp_path, capsys):
