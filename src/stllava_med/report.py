@@ -28,7 +28,7 @@ from stllava_med.utils.io import atomic_write_text
 
 log = logging.getLogger(__name__)
 
-VQA_METRICS = ("open_recall", "open_f1", "closed_accuracy", "closed_accuracy_strict")
+VQA_METRICS = ("open_recall", "open_f1", "closed_accuracy", "closed_accuracy_yesno", "closed_accuracy_strict")
 _REWARD_ACC = re.compile(r"^train/.*reward.*acc", re.IGNORECASE)
 
 
