@@ -38,7 +38,7 @@ _MANUAL_MAP = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "
                "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
 _ARTICLES = ["a", "an", "the"]
 # glossary.py's contractions table, entry for entry ("key=value", whitespace-separated)
-_CONTRACTIONS = dict(item.split("=") for item in """
+_CONTRACTIONS_TABLE = """
 aint=ain't arent=aren't cant=can't couldve=could've couldnt=couldn't couldn'tve=couldn't've couldnt've=couldn't've
 didnt=didn't doesnt=doesn't dont=don't hadnt=hadn't hadnt've=hadn't've hadn'tve=hadn't've hasnt=hasn't
 havent=haven't hed=he'd hed've=he'd've he'dve=he'd've hes=he's howd=how'd howll=how'll hows=how's Id've=I'd've
@@ -58,7 +58,8 @@ whos=who's whove=who've whyll=why'll whyre=why're whys=why's wont=won't wouldve=
 wouldnt've=wouldn't've wouldn'tve=wouldn't've yall=y'all yall'll=y'all'll y'allll=y'all'll yall'd've=y'all'd've
 y'alld've=y'all'd've y'all'dve=y'all'd've youd=you'd youd've=you'd've you'dve=you'd've youll=you'll
 youre=you're youve=you've
-""".split())
+"""
+_CONTRACTIONS = dict(item.split("=") for item in _CONTRACTIONS_TABLE.split())
 
 
 def ref_normalize_word(token: str) -> str:
