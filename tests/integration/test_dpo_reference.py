@@ -150,5 +150,7 @@ def test_ranks_split_the_precomputation_and_read_the_same_cache(setup, tmp_path)
     for thread in threads:
         thread.join()
     assert not errors
-    assert [r.computed for r in ranks] == [5, 5]  # each rank computed its half of the 10 pairs
+    # each rank claimed a share (at most half of what was free when it claimed), together every pair once
+    assert sum(r.computed for r in ranks) == 10 and min(r.computed for r in ranks) > 0
+    assert len(make_cache(tmp_path, dm).path.read_text().splitlines()) == 10
     assert ranks[0].table == ranks[1].table and len(ranks[0].table) == 10

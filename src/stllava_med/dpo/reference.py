@@ -9,7 +9,9 @@
   writes every pair's reference log-probs to a cache on disk; training then runs no reference forward.
   The cache is keyed by (data fingerprint, reference weights hash, processor and template, max_length), so
   the jobs of a sweep over β, loss type, seed or data fraction share one cache; entries are per pair id and
-  content digest, appended (file-locked) by whichever job needs them first.
+  content digest, each written once: a process (any rank of any job) claims a chunk of the missing pairs under
+  the cache's lock, computes and appends it, and processes that find every missing pair claimed wait for the
+  claims to finish, then read (:meth:`ReferenceCache.claim`).
 
 Reference passes never build an autograd graph and never switch the policy to eval mode: on CPU,
 bitsandbytes repacks 4-bit weights after an eval-mode forward without gradients (the QLoRA trap).
@@ -18,11 +20,15 @@ bitsandbytes repacks 4-bit weights after an eval-mode forward without gradients 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import logging
 import math
 import os
+import socket
+import time
+import uuid
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
@@ -36,6 +42,12 @@ from stllava_med.dpo.logps import LogProbs
 from stllava_med.utils.io import atomic_write_json, file_lock, sha256_file, stable_hash
 
 log = logging.getLogger(__name__)
+
+# A process claims at most this many batches of missing pairs at a time (fewer when the ranks of its job would
+# otherwise not all get a share); processes that find nothing left to claim poll the cache every CLAIM_POLL_S.
+CLAIM_BATCHES = 8
+CLAIM_POLL_S = 1.0
+CLAIM_WAIT_LOG_S = 60.0
 
 REFERENCE_MODES = ("adapter_off", "copy", "precomputed")
 
@@ -175,9 +187,54 @@ class ReferenceCacheError(ValueError):
 
 
 
+class CacheClaim:
+    """``<cache>/claims/<host>-<pid>-<uid>.json``: the pair ids one process is computing. The process holds an
+    exclusive ``flock`` on the file while it works; a claim whose lock can be taken belongs to a process that
+    died (the kernel released its lock), and the next reader removes it, so its pairs become claimable again."""
+
+    def __init__(self, path: Path, ids: list[str]) -> None:
+        self.path = path
+        self.ids = ids
+        self._fd: int | None = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        os.write(self._fd, (json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "ids": ids}) + "\n").encode())
+        os.fsync(self._fd)
+
+    def release(self) -> None:
+        """Remove the claim (call under the cache lock, after its entries were appended)."""
+        if self._fd is None:
+            return
+        self.path.unlink(missing_ok=True)
+        os.close(self._fd)  # closing releases the flock
+        self._fd = None
+
+    @staticmethod
+    def live_ids(path: Path) -> set[str] | None:
+        """The ids of a live claim; None (and the file removed) when its owner is gone."""
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:  # held: its owner is computing
+                with open(path, encoding="utf-8") as fh:
+                    try:
+                        return set(json.load(fh)["ids"])
+                    except (ValueError, KeyError, TypeError):
+                        return set()
+            log.warning("removing the stale reference cache claim %s (its process is gone)", path)
+            path.unlink(missing_ok=True)
+            return None
+        finally:
+            os.close(fd)
+
+
 class ReferenceCache:
     """``<root>/<key>/logps.jsonl``: one line per pair ``{"id", "digest", "ref_chosen_logps",
-    "ref_rejected_logps"}``, appended under a file lock; ``meta.json`` records what the key was made of."""
+    "ref_rejected_logps"}``, appended under a file lock; ``meta.json`` records what the key was made of;
+    ``claims/`` holds the claims of the processes filling it (:meth:`claim`)."""
 
     def __init__(self, root: str | os.PathLike, *, data_fingerprint: str, reference: Mapping[str, Any],
                  processor: str, max_length: int | None) -> None:
@@ -187,6 +244,7 @@ class ReferenceCache:
         self.dir = Path(root) / self.key
         self.path = self.dir / "logps.jsonl"
         self.lock = self.dir / ".lock"
+        self.claims_dir = self.dir / "claims"
 
     def _ensure_meta(self) -> None:
         meta = self.dir / "meta.json"
@@ -224,6 +282,36 @@ class ReferenceCache:
         table = self.read()
         return {i for i, digest in needed.items() if i not in table or table[i][0] != digest}
 
+    def claim(self, needed: Mapping[str, str], *, max_ids: int, share: int = 1
+              ) -> tuple[CacheClaim | None, int, int]:
+        """Under the cache lock: what of ``needed`` is missing, and a claim on up to ``max_ids`` of the missing
+        pairs that no live process has claimed (at most ``1/share`` of them, so the ranks of a job all get
+        work). Returns ``(claim or None, missing, claimed by others)``; the "what is missing" check and the
+        claim are one critical section, so no pair is ever computed by two processes."""
+        with file_lock(self.lock):
+            self._ensure_meta()
+            missing = self.missing(needed)
+            if not missing:
+                return None, 0, 0
+            taken: set[str] = set()
+            if self.claims_dir.is_dir():
+                for path in sorted(self.claims_dir.glob("*.json")):
+                    ids = CacheClaim.live_ids(path)
+                    if ids:
+                        taken |= ids
+            free = sorted(missing - taken)
+            busy = len(missing & taken)
+            if not free:
+                return None, len(missing), busy
+            size = max(1, min(max_ids, math.ceil(len(free) / max(1, share))))
+            self.claims_dir.mkdir(parents=True, exist_ok=True)
+            name = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}.json"
+            return CacheClaim(self.claims_dir / name, free[:size]), len(missing), busy
+
+    def release(self, claim: CacheClaim) -> None:
+        with file_lock(self.lock):
+            claim.release()
+
     def append(self, ids: Iterable[str], digests: Mapping[str, str], chosen: torch.Tensor,
                rejected: torch.Tensor) -> None:
         ids = list(ids)
@@ -237,10 +325,26 @@ class ReferenceCache:
                         + "\n" for i, c, r in zip(ids, chosen_values, rejected_values))
         with file_lock(self.lock):
             self._ensure_meta()
+            self._drop_truncated_tail()
             with open(self.path, "a", encoding="utf-8") as fh:
                 fh.write(lines)
                 fh.flush()
                 os.fsync(fh.fileno())
+
+
+    def _drop_truncated_tail(self) -> None:
+        """Cut an unterminated last line (a writer killed mid-append), so the next entry starts on its own line."""
+        if not self.path.is_file() or self.path.stat().st_size == 0:
+            return
+        with open(self.path, "rb+") as fh:
+            fh.seek(-1, os.SEEK_END)
+            if fh.read(1) == b"\n":
+                return
+            fh.seek(0)
+            data = fh.read()
+            keep = data.rfind(b"\n") + 1
+            log.warning("%s: dropping a truncated last line (a killed writer)", self.path)
+            fh.truncate(keep)
 
 
 class PrecomputedReference:
@@ -266,16 +370,41 @@ class PrecomputedReference:
 
     def prepare(self, device: torch.device, *, rank: int = 0, world_size: int = 1,
                 barrier: Callable[[], None] | None = None, move: Callable[[Any], Any] | None = None) -> None:
+        """Fill the cache's missing entries together with every other process that needs them, then read it.
+
+        Each process (every rank of every sweep job) loops: claim a chunk of the missing, unclaimed pairs
+        (:meth:`ReferenceCache.claim`), compute and append it, release the claim. When every missing pair is
+        claimed by others it waits for them (a dead claimant's claim is reclaimed); when nothing is missing it
+        reads the cache. Every entry is written exactly once."""
         barrier = barrier or (lambda: None)
-        missing = self.cache.missing(self.needed)
-        barrier()  # every rank has read the same cache before anyone appends to it
-        if missing:
-            log.info("precomputing reference log-probs of %d pairs into %s", len(missing), self.cache.dir)
-            self._compute(sorted(missing)[rank::world_size], rank, move)
-        barrier()
-        still = self.cache.missing(self.needed)
-        if still:  # another job appended meanwhile and the ranks split different sets: finish alone
-            self._compute(sorted(still), rank, move)
+        max_ids = self.batch_size * CLAIM_BATCHES
+        bar = None
+        waited = last_log = 0.0
+        try:
+            while True:
+                claim, missing, busy = self.cache.claim(self.needed, max_ids=max_ids, share=world_size)
+                if claim is None and not missing:
+                    break
+                if claim is not None:
+                    if bar is None:
+                        log.info("precomputing reference log-probs (%d pairs missing) into %s", missing, self.cache.dir)
+                        bar = tqdm(desc="reference log-probs", unit="pair", total=missing,
+                                   disable=not self.progress or rank != 0)
+                    try:
+                        self._compute(claim.ids, rank, move, bar)
+                    finally:
+                        self.cache.release(claim)
+                    continue
+                if waited - last_log >= CLAIM_WAIT_LOG_S or not waited:
+                    log.info("waiting for %d reference log-probs that other processes are computing (%s)",
+                             busy, self.cache.claims_dir)
+                    last_log = waited
+                time.sleep(CLAIM_POLL_S)
+                waited += CLAIM_POLL_S
+        finally:
+            if bar is not None:
+                bar.close()
+        barrier()  # the ranks leave together
         table = self.cache.read()
         absent = [i for i in self.needed if i not in table or table[i][0] != self.needed[i]]
         if absent:
@@ -284,7 +413,7 @@ class PrecomputedReference:
         self.table = {i: (table[i][1], table[i][2]) for i in self.needed}
         self.source = None  # a copy reference is no longer needed in memory
 
-    def _compute(self, ids: list[str], rank: int, move: Callable[[Any], Any] | None) -> None:
+    def _compute(self, ids: list[str], rank: int, move: Callable[[Any], Any] | None, bar: Any = None) -> None:
         if not ids:
             return
         if self.source is None:
@@ -295,15 +424,15 @@ class PrecomputedReference:
         if model is not None:
             model.eval()  # no dropout; the 4-bit repacking this causes on CPU is undone by BnbCpuGuard
         try:
-            bar = tqdm(self.batches(set(ids), 0, 1), desc="reference log-probs", unit="batch",
-                       total=math.ceil(len(ids) / self.batch_size), disable=not self.progress or rank != 0)
-            for batch in bar:
+            for batch in self.batches(set(ids), 0, 1):
                 if move is not None:
                     batch = move(batch)
                 with torch.no_grad():
                     chosen, rejected = self.source.logps(batch)
                 self.cache.append(batch["ids"], self.needed, chosen, rejected)
                 self.computed += len(batch["ids"])
+                if bar is not None:
+                    bar.update(len(batch["ids"]))
         finally:
             if model is not None:
                 model.train(was_training)
