@@ -42,10 +42,15 @@ class ChatFormat:
     """How our roles map onto a backbone's chat template."""
 
     questioner_role: str = "vuser"
+    # The system text of every stage that sets no ``prompts.system`` of its own: a preset of
+    # :mod:`stllava_med.prompts` (v1_sq | llava_v1 | v1 | none) or a text; null: no system message.
+    # (The describe / question instructions are generation's: ``generate`` stage ``prompts.*``.)
     system_prompt: str | None = None
-    # Prompt used to make a model *without* stage-1 training ask a question (generation stage).
-    question_instruction: str = "Ask one question about this medical image."
-    describe_instruction: str = "Describe the image in detail."
+
+    def __post_init__(self) -> None:
+        from stllava_med.prompts import system_text
+
+        object.__setattr__(self, "system_prompt", system_text(self.system_prompt, "backbone.chat.system_prompt"))
 
     @classmethod
     def from_config(cls, cfg: Any) -> ChatFormat:

@@ -17,7 +17,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from stllava_med.data.vqa import dataset_specs, load_vqa
-from stllava_med.schema import EvalSettings
+from stllava_med.schema import EvalSettings, StagePrompts
 from stllava_med.utils import config as _config  # noqa: F401  (registers resolvers)
 from stllava_med.utils.config import stage_main
 from stllava_med.utils.io import atomic_write_json, atomic_write_text
@@ -34,6 +34,7 @@ def run_evaluate(cfg: DictConfig, out_dir: Path | None = None) -> dict[str, Any]
     from stllava_med.backbone import load_backbone, pick_device
     from stllava_med.chat import ChatFormat
     from stllava_med.eval.vqa import evaluate_dataset, markdown_table
+    from stllava_med.prompts import with_system
 
     out_dir = out_dir or start_run(cfg, "evaluate")
     specs = dataset_specs(cfg.data.sets)
@@ -46,13 +47,15 @@ def run_evaluate(cfg: DictConfig, out_dir: Path | None = None) -> dict[str, Any]
     backbone = load_backbone(OmegaConf.to_container(cfg.backbone, resolve=True), with_lora=False)
     if not cfg.backbone.get("quantization"):
         backbone.model.to(pick_device(cfg.get("device")))
-    fmt = ChatFormat.from_config(cfg.backbone.get("chat"))
+    prompts = StagePrompts.from_config(OmegaConf.to_container(cfg.prompts, resolve=True) if cfg.get("prompts") else None)
+    fmt = with_system(ChatFormat.from_config(cfg.backbone.get("chat")), prompts.system)
     results: dict[str, dict[str, Any]] = {}
     for name, (records, report) in loaded.items():
         results[name] = evaluate_dataset(
             backbone, records, fmt, out_dir / name, name=name,
             batch_size=settings.batch_size, max_new_tokens=settings.max_new_tokens,
             on_bad_image=settings.on_bad_image, progress=settings.progress,
+            image_aspect_ratio=settings.image_aspect_ratio,
             extra={"load_report": report.to_json(), "backbone": backbone.name_or_path},
         )
     atomic_write_json(out_dir / "metrics.json", results)

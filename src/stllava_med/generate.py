@@ -13,6 +13,7 @@ resumes: images already done are skipped (raising ``generate.max_images`` extend
 from __future__ import annotations
 
 import logging
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +61,7 @@ def run_generate(cfg: DictConfig, out_dir: Path | None = None) -> dict[str, Any]
     """Generate candidates per ``cfg.generate`` with ``cfg.backbone``; write shards, progress and summary."""
     from stllava_med.backbone import load_backbone, pick_device
     from stllava_med.chat import ChatFormat
+    from stllava_med.schema import GeneratePrompts
     from stllava_med.selftrain.generate import GenerationSettings, generate_candidates
 
     generate_cfg = OmegaConf.to_container(cfg.generate, resolve=True)
@@ -73,11 +75,13 @@ def run_generate(cfg: DictConfig, out_dir: Path | None = None) -> dict[str, Any]
     if not cfg.backbone.get("quantization"):
         backbone.model.to(pick_device(cfg.get("device")))
     fmt = ChatFormat.from_config(cfg.backbone.get("chat"))
+    prompts = GeneratePrompts.from_config(OmegaConf.to_container(cfg.prompts, resolve=True) if cfg.get("prompts") else None)
     log.info("generate: %d images (%s), question_source=%s, %s questions x %d answers", len(tasks),
              input_report["source"], settings.question_source,
              settings.questions_per_image or "all", settings.answers_per_question)
-    summary = generate_candidates(backbone, fmt, tasks, settings, out_dir)
-    summary.update({"policy": backbone.name_or_path, "input": input_report, "settings": settings.to_json()})
+    summary = generate_candidates(backbone, fmt, tasks, settings, out_dir, prompts)
+    summary.update({"policy": backbone.name_or_path, "input": input_report, "settings": settings.to_json(),
+                    "prompts": asdict(prompts)})
     atomic_write_json(out_dir / "summary.json", summary)
     if cfg.get("print_summary", True):
         print_summary(f"generate — {out_dir}", summary_rows(summary))

@@ -166,14 +166,16 @@ def run_judge(cfg: DictConfig, out_dir: Path | None = None) -> dict[str, Any]:
         "all_runs": {"requests": usage.requests, "prompt_tokens": usage.prompt_tokens,
                      "completion_tokens": usage.completion_tokens, "cost_usd": round(usage.cost_usd, 6),
                      "request_outcomes": outcomes},
-        "pairs_settings": {"min_margin": pair_settings.min_margin, "max_per_image": pair_settings.max_per_image},
+        "pairs_settings": {"min_margin": pair_settings.min_margin, "max_per_image": pair_settings.max_per_image,
+                           "max_pairs": pair_settings.max_pairs},
         "seconds": round(time.perf_counter() - started, 3),
     }
     summary["exit_code"] = exit_code(summary)  # what `python -m stllava_med.judge` exits with
     atomic_write_json(out_dir / "summary.json", summary)
-    log.info("judge: %d judged, %d failed, %d unjudged → %d pairs (%d ties, %d under margin, %d capped)%s",
-             pair_stats.judged, pair_stats.failed, pair_stats.unjudged, pair_stats.pairs, pair_stats.ties_dropped,
-             pair_stats.low_margin_dropped, pair_stats.capped, f"; stopped: {stats.stopped}" if stats.stopped else "")
+    log.info("judge: %d judged, %d failed, %d unjudged → %d pairs (%d ties, %d under margin, %d capped per image, "
+             "%d over max_pairs)%s", pair_stats.judged, pair_stats.failed, pair_stats.unjudged, pair_stats.pairs,
+             pair_stats.ties_dropped, pair_stats.low_margin_dropped, pair_stats.capped, pair_stats.capped_total,
+             f"; stopped: {stats.stopped}" if stats.stopped else "")
     if cfg.get("print_summary", True):
         print_summary(f"judge — {out_dir}", summary_rows(summary))
     finish_run(out_dir, "judge", {"pairs": pair_stats.pairs, "judged": pair_stats.judged, "stopped": stats.stopped})
@@ -186,7 +188,8 @@ def summary_rows(summary: dict[str, Any]) -> dict[str, Any]:
     return {"expert": summary.get("expert"), "judged": summary.get("judged"), "failed": summary.get("failed"),
             "unjudged": summary.get("unjudged"), "pairs": summary.get("pairs"),
             "ties dropped": summary.get("ties_dropped"), "under margin": summary.get("low_margin_dropped"),
-            "capped": summary.get("capped"), "requests this run": this_run.get("requests"),
+            "capped (per image / total)": f"{summary.get('capped')} / {summary.get('capped_total')}",
+            "requests this run": this_run.get("requests"),
             "cost (all runs, USD)": all_runs.get("cost_usd"), "stopped": summary.get("stopped") or None,
             "preference shards": str(Path(summary["store"]).parent / "preference")}
 

@@ -15,6 +15,7 @@ rate is not DPO's) are set where the stage schema builds its section. One vocabu
     optim.*       learning rates, weight decay, schedule
     checkpoint.*  how often ``last.ckpt`` is written
     export.*      what is written at the end (the adapter always; ``merged``: the full model + processor)
+    prompts.*     the system text(s) and instructions the stage renders with (presets: stllava_med.prompts)
 
 This module imports nothing heavy: the entry points register it before Hydra composes.
 """
@@ -82,6 +83,55 @@ class ExportSettings:
     merged: bool = True                   # also <run dir>/merged: the full HF model + processor, loadable by path
 
 
+IMAGE_ASPECT_RATIOS = ("keep", "pad")
+
+
+def _check_aspect(value: str, where: str) -> None:
+    if value not in IMAGE_ASPECT_RATIOS:
+        raise ValueError(f"{where} must be one of {IMAGE_ASPECT_RATIOS}, not {value!r}")
+
+
+def _check_system(value: str | None, where: str) -> None:
+    from stllava_med.prompts import system_text  # light: refuses a preset name that does not exist
+
+    system_text(value, where)
+
+
+@dataclass
+class StagePrompts:
+    """``prompts.*`` of train_sft, train_dpo and evaluate: the system text the stage renders every conversation
+    with. The paper's: ``v1_sq`` for stage 1, ``v1`` for DPO, ``llava_v1`` for evaluation (:mod:`stllava_med.prompts`
+    has the texts)."""
+
+    system: str | None = None             # preset (v1_sq | llava_v1 | v1 | none) or a text; null: backbone.chat.system_prompt
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any] | None, where: str = "prompts") -> StagePrompts:
+        settings = cls(**_check(cls, cfg or {}, where))
+        _check_system(settings.system, f"{where}.system")
+        return settings
+
+
+@dataclass
+class GeneratePrompts:
+    """``prompts.*`` of generate: one system text for the describe and question rounds, one for answer sampling
+    (the official code: ``v1_sq`` and ``llava_v1``), and the user instructions."""
+
+    question_system: str | None = None    # describe + ask (preset or text); null: backbone.chat.system_prompt
+    answer_system: str | None = None      # answer sampling (preset or text); null: backbone.chat.system_prompt
+    describe: str = "Can you describe the image in detail?"   # round 1's user turn (official visual_sq.py)
+    question: str = "Ask one question about this medical image."  # question_prompt=instruction only (ours)
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any] | None, where: str = "prompts") -> GeneratePrompts:
+        settings = cls(**_check(cls, cfg or {}, where))
+        _check_system(settings.question_system, f"{where}.question_system")
+        _check_system(settings.answer_system, f"{where}.answer_system")
+        if not settings.describe.strip() or not settings.question.strip():
+            raise ValueError(f"{where}.describe and {where}.question must not be empty")
+        return settings
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Stage 1: SFT
 # --------------------------------------------------------------------------------------------------------------
@@ -104,6 +154,9 @@ class SFTData:
     max_length: int | None = 2048         # tokens, image tokens included; longer conversations lose trailing pairs
     on_too_long: str = "drop_turns"       # drop_turns (counted) | error
     cache_images: bool = False            # keep decoded images in memory (small datasets)
+    # keep: the processor's own resize / crop | pad: first to a square in the processor's mean colour
+    # (LLaVA's expand2square, the official training's image_aspect_ratio=pad)
+    image_aspect_ratio: str = "keep"
     shuffle: bool = True
     pin_memory: bool = False
 
@@ -119,6 +172,7 @@ class SFTData:
             raise ValueError(f"data.on_too_long must be drop_turns or error, not {settings.on_too_long!r}")
         if settings.vqa_grouping not in ("image", "single"):
             raise ValueError(f"data.vqa_grouping must be image or single, not {settings.vqa_grouping!r}")
+        _check_aspect(settings.image_aspect_ratio, "data.image_aspect_ratio")
         return settings
 
 
@@ -165,6 +219,7 @@ class PreferenceDataSettings:
     num_workers: int = 0                  # dataloader workers
     shuffle_buffer: int = 1000
     image_root: str | None = None         # relative image paths: against this, else the shard's directory
+    image_aspect_ratio: str = "keep"      # keep | pad (to a square in the processor's mean colour; the paper's DPO)
     on_bad_pair: str = "error"            # error | skip (counted in data_summary.json)
     scan_cache_dir: str | None = None     # the length scan's cache; null: none
     convert_cache_dir: str | None = None  # foreign files converted here, keyed by content; null: <run dir>
@@ -189,6 +244,7 @@ class PreferenceDataSettings:
             raise ValueError(f"data.format must be one of {PAIR_FORMATS}, not {settings.format!r}")
         if settings.on_bad_pair not in ("error", "skip"):
             raise ValueError(f"data.on_bad_pair must be error or skip, not {settings.on_bad_pair!r}")
+        _check_aspect(settings.image_aspect_ratio, "data.image_aspect_ratio")
         return settings
 
 
@@ -285,8 +341,9 @@ class GenerateSettings:
     image_batch_size: int = 4             # images per describe / question call
     answer_batch_size: int = 8            # questions per answer call (each x K sequences)
     describe: bool = True                 # greedy description first (the questioner continues after it)
-    describe_max_new_tokens: int = 300
+    describe_max_new_tokens: int = 300    # the official code: 1024 (experiment=stllava_med_paper_generate)
     question: Sampling = field(default_factory=lambda: Sampling(temperature=1.2, top_k=300, top_p=0.95))
+    # answer.max_new_tokens: 300 here, 1024 in the official code (experiment=stllava_med_paper_generate)
     answer: Sampling = field(default_factory=lambda: Sampling(temperature=1.2, top_k=100, top_p=0.95))
     max_question_rounds: int = 2          # extra rounds to replace duplicate / empty questions
     max_answer_rounds: int = 2            # ... and answers (< 2 distinct answers: the question is dropped, counted)
@@ -294,6 +351,7 @@ class GenerateSettings:
     shared_prefix: str = "auto"           # auto | true | false: one prompt encoding, K samples from its KV cache
     shard_size: int = 10000               # candidates per JSONL shard
     on_bad_image: str = "error"           # error | skip (counted in summary.json)
+    image_aspect_ratio: str = "keep"      # keep (the official generation) | pad (square, the processor's mean colour)
     progress: bool = True
 
 
@@ -320,6 +378,7 @@ class PairSettings:
 
     min_margin: float = 1.0               # chosen - rejected score below this (1-10 scale): dropped, counted
     max_per_image: int | None = None      # at most N pairs per image (largest margins first)
+    max_pairs: int | None = None          # at most N pairs in all, after max_per_image (largest margins first; id breaks ties)
     shard_size: int = 5000
     source: str = "selftrain"             # written into every pair's `source` field
 
@@ -328,6 +387,8 @@ class PairSettings:
             raise ValueError(f"pairs.min_margin must be >= 0, got {self.min_margin}")
         if self.max_per_image is not None and self.max_per_image < 1:
             raise ValueError(f"pairs.max_per_image must be >= 1 or null, got {self.max_per_image}")
+        if self.max_pairs is not None and self.max_pairs < 1:
+            raise ValueError(f"pairs.max_pairs must be >= 1 or null, got {self.max_pairs}")
         if self.shard_size < 1:
             raise ValueError(f"pairs.shard_size must be >= 1, got {self.shard_size}")
 
@@ -343,6 +404,7 @@ class EvalSettings:
     batch_size: int = 8
     max_new_tokens: int = 32              # VQA answers are short
     on_bad_image: str = "error"           # error | skip (counted in metrics.json)
+    image_aspect_ratio: str = "keep"      # keep (the official evaluation) | pad (square, the processor's mean colour)
     progress: bool = True
 
     @classmethod
@@ -352,6 +414,7 @@ class EvalSettings:
             raise ValueError(f"eval.on_bad_image must be error or skip, not {settings.on_bad_image!r}")
         if settings.batch_size < 1 or settings.max_new_tokens < 1:
             raise ValueError("eval.batch_size and eval.max_new_tokens must be >= 1")
+        _check_aspect(settings.image_aspect_ratio, "eval.image_aspect_ratio")
         return settings
 
 
@@ -393,6 +456,7 @@ class SFTStage(_Objective, _Stage):
     logger: Any = None
     data: SFTData = field(default_factory=SFTData)
     sft: SFTSettings = field(default_factory=SFTSettings)
+    prompts: StagePrompts = field(default_factory=StagePrompts)
     optim: OptimSettings = field(default_factory=OptimSettings)
     checkpoint: CheckpointSettings = field(default_factory=lambda: CheckpointSettings(every_n_steps=200))
     export: ExportSettings = field(default_factory=ExportSettings)
@@ -414,6 +478,7 @@ class DPOStage(_Objective, _Stage):
         convert_cache_dir="${paths.data_dir}/cache/preference_converted"))
     dpo: DPOSettings = field(default_factory=lambda: DPOSettings(
         reference_cache_dir="${paths.data_dir}/cache/reference_logps"))
+    prompts: StagePrompts = field(default_factory=StagePrompts)
     optim: OptimSettings = field(default_factory=lambda: OptimSettings(lr=5e-6, projector_lr=2e-5))
     checkpoint: CheckpointSettings = field(default_factory=lambda: CheckpointSettings(every_n_steps=50))
     export: ExportSettings = field(default_factory=ExportSettings)
@@ -428,6 +493,7 @@ class GenerateStage(_Stage):
     device: str = "auto"                  # auto | cpu | cuda | cuda:1
     data: DataSets = field(default_factory=DataSets)
     generate: GenerateSettings = field(default_factory=GenerateSettings)
+    prompts: GeneratePrompts = field(default_factory=GeneratePrompts)
     run_dir_ignore: list[str] = field(default_factory=lambda: [
         "device", "num_threads", "generate.progress", "generate.max_images", "generate.shard_size",
         "generate.on_bad_image"])
@@ -454,6 +520,7 @@ class EvaluateStage(_Objective, _Stage):
     objective_direction: str = "maximize"
     data: DataSets = field(default_factory=DataSets)
     eval: EvalSettings = field(default_factory=EvalSettings)
+    prompts: StagePrompts = field(default_factory=StagePrompts)
     run_dir_ignore: list[str] = field(default_factory=lambda: ["eval.progress", "device", "num_threads"])
 
 

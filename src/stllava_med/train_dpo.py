@@ -21,7 +21,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from stllava_med.schema import DPOSettings, OptimSettings, PreferenceDataSettings
+from stllava_med.schema import DPOSettings, OptimSettings, PreferenceDataSettings, StagePrompts
 from stllava_med.utils import config as _config  # noqa: F401  (registers resolvers)
 from stllava_med.utils.config import stage_main
 from stllava_med.utils.io import atomic_write_json
@@ -88,7 +88,8 @@ def build_reference(cfg: DictConfig, backbone: Any, datamodule: Any) -> Any:
                                         model=getattr(source, "model", None) or backbone.model,
                                         memo_path=root / "weight_hashes.json")
     cache = ReferenceCache(root, data_fingerprint=datamodule.data_fingerprint, reference=fingerprint,
-                           processor=processor_fingerprint(datamodule.processor, datamodule.fmt),
+                           processor=processor_fingerprint(datamodule.processor, datamodule.fmt,
+                                                           datamodule.settings.image_aspect_ratio),
                            max_length=datamodule.settings.max_length)
     batch_size = int(dpo.precompute_batch_size or datamodule.settings.val_batch_size
                      or datamodule.settings.batch_size)
@@ -106,6 +107,7 @@ def run_train_dpo(cfg: DictConfig, *, callbacks: Iterable[Any] = (), out_dir: Pa
     from stllava_med.backbone import load_backbone
     from stllava_med.chat import ChatFormat
     from stllava_med.data.pairs.datamodule import PreferenceDataModule
+    from stllava_med.prompts import with_system
     from stllava_med.dpo.module import DPOModule
     from stllava_med.stage import fit_and_export
 
@@ -115,7 +117,8 @@ def run_train_dpo(cfg: DictConfig, *, callbacks: Iterable[Any] = (), out_dir: Pa
     data_settings = PreferenceDataSettings.from_config(_container(cfg.data))
     backbone_cfg = _container(cfg.backbone)
     backbone = load_backbone(backbone_cfg, with_lora=True, gradient_checkpointing=settings.gradient_checkpointing)
-    fmt = ChatFormat.from_config(backbone_cfg.get("chat"))
+    prompts = StagePrompts.from_config(_container(cfg.get("prompts")))
+    fmt = with_system(ChatFormat.from_config(backbone_cfg.get("chat")), prompts.system)
     datamodule = PreferenceDataModule(data_settings, backbone.processor, fmt, out_dir=out_dir)
     datamodule.setup("fit")  # the scan decides the pairs, and the precomputed reference is keyed by them
     reference = build_reference(cfg, backbone, datamodule)

@@ -21,7 +21,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from stllava_med.data.vqa import dataset_specs
-from stllava_med.schema import OptimSettings, SFTData, SFTSettings
+from stllava_med.schema import OptimSettings, SFTData, SFTSettings, StagePrompts
 from stllava_med.utils import config as _config  # noqa: F401  (registers resolvers)
 from stllava_med.utils.config import logger_names, stage_main
 from stllava_med.utils.io import atomic_write_json, load_json
@@ -93,6 +93,7 @@ def run_train_sft(cfg: DictConfig, *, callbacks: Sequence[Any] = ()) -> dict[str
     ``callbacks`` are extra Lightning callbacks (tests use one to interrupt a run)."""
     from stllava_med.backbone import load_backbone
     from stllava_med.chat import ChatFormat
+    from stllava_med.prompts import with_system
     from stllava_med.data.sft_datamodule import (
         SFTDataModule,
         SFTDataSettings,
@@ -132,7 +133,8 @@ def run_train_sft(cfg: DictConfig, *, callbacks: Sequence[Any] = ()) -> dict[str
                              gradient_checkpointing=sft.gradient_checkpointing)
     if sft.finetune == "full":
         unfreeze_for_full_finetune(backbone.model, train_vision=bool((cfg.backbone.get("lora") or {}).get("vision")))
-    fmt = ChatFormat.from_config(_plain(cfg.backbone.get("chat")))
+    prompts = StagePrompts.from_config(_plain(cfg.get("prompts")))
+    fmt = with_system(ChatFormat.from_config(_plain(cfg.backbone.get("chat"))), prompts.system)
     datamodule = SFTDataModule(train, val, backbone.processor, fmt, data)
     module = SFTModule(backbone.model, optim)
     result = fit_and_export(cfg, STAGE, module, datamodule, model=module.model, processor=backbone.processor,

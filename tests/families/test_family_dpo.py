@@ -24,6 +24,7 @@ from stllava_med.data.preference import PreferencePair
 from stllava_med.data.vqa import load_image
 from stllava_med.dpo.logps import LogProbs
 from stllava_med.dpo.losses import dpo_loss
+from stllava_med.schema import GeneratePrompts
 
 pytestmark = [pytest.mark.families, pytest.mark.usefixtures("one_thread")]
 
@@ -240,7 +241,7 @@ def test_shared_prefix_sampling_equals_num_return_sequences(family, family_backb
     images = mixed_images()[:3]
     questions = ["Is this normal?", "Where is the largest lesion located in this image?", "What organ?"]
     answer_prompts = [prompt_text(backbone.processor, vqa_turns(q), "assistant", FMT) for q in questions]
-    question_prompts = [prompt_text(backbone.processor, [Turn("user", FMT.describe_instruction),
+    question_prompts = [prompt_text(backbone.processor, [Turn("user", GeneratePrompts().describe),
                                                          Turn("assistant", d)], "questioner", FMT)
                         for d in ("A chest X-ray.", "An axial CT of the abdomen with contrast.", "A brain MRI.")]
     sampling = {"temperature": 1.2, "top_k": 100, "top_p": 0.95}

@@ -74,7 +74,7 @@ def test_question_prompts_use_the_questioner_role_or_an_instruction(tiny_backbon
     assert prompt.endswith("<|vuser|>") and "A chest X-ray.</s>" in prompt
     instruction = CandidateGenerator(tiny_backbone, fmt, GenerationSettings(question_prompt="instruction"))
     prompt = instruction.question_prompt("A chest X-ray.")
-    assert prompt.endswith(f"<|user|>{fmt.question_instruction}</s><|assistant|>")
+    assert prompt.endswith("<|user|>Ask one question about this medical image.</s><|assistant|>")
     assert questioner.answer_prompt("Is it normal?") == "<|user|><image>\nIs it normal?</s><|assistant|>"
     with pytest.raises(ValueError, match="needs generate.describe=true"):
         GenerationSettings(describe=False)

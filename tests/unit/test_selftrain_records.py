@@ -112,7 +112,7 @@ def test_pairs_drop_ties_and_low_margins_and_cap_per_image(tmp_path):
     pairs, stats = build_pairs(cands, judgements, PairSettings(min_margin=1.0))
     assert stats.to_json() | {"failure_reasons": {}} == {
         "images": 2, "questions": 7, "candidates": 15, "judged": 5, "failed": 1, "unjudged": 1, "ties_dropped": 1,
-        "low_margin_dropped": 1, "capped": 0, "pairs": 3, "failure_reasons": {}}
+        "low_margin_dropped": 1, "capped": 0, "capped_total": 0, "pairs": 3, "failure_reasons": {}}
     assert stats.failure_reasons == {"invalid reply after 3 attempts": 1}
     by_id = {p.id: p for p in pairs}
     assert (by_id["c1"].chosen, by_id["c1"].rejected, by_id["c1"].chosen_score, by_id["c1"].rejected_score) == \

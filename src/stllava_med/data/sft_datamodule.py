@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from stllava_med.chat import IGNORE_INDEX, ChatFormat, SequenceTooLong, encode, pad_sequences
 from stllava_med.data.fraction import fraction_score, in_fraction, write_selected_ids
 from stllava_med.data.instruct import InstructRecord
+from stllava_med.data.images import image_preparer
 from stllava_med.data.vqa import load_image
 from stllava_med.families import BY_NAME, processor_family
 from stllava_med.schema import SFTData, SFTSettings
@@ -80,7 +81,7 @@ class SFTDataset(Dataset):
 
     def __init__(self, records: Sequence[InstructRecord], processor: Any, fmt: ChatFormat, *, sq_ratio: float,
                  seed: int, max_length: int | None, on_too_long: str = "drop_turns", cache_images: bool = False,
-                 fixed_epoch: int | None = None) -> None:
+                 fixed_epoch: int | None = None, image_aspect_ratio: str = "keep") -> None:
         if on_too_long not in ON_TOO_LONG:
             raise ValueError(f"data.on_too_long must be one of {ON_TOO_LONG}, not {on_too_long!r}")
         if not 0.0 <= sq_ratio <= 1.0:
@@ -94,6 +95,7 @@ class SFTDataset(Dataset):
         self.on_too_long = on_too_long
         self.cache_images = cache_images
         self.fixed_epoch = fixed_epoch
+        self.prepare_image = image_preparer(processor, image_aspect_ratio)  # data.image_aspect_ratio (pad / keep)
         self._images: dict[str, Any] = {}
 
     def __len__(self) -> int:
@@ -106,7 +108,7 @@ class SFTDataset(Dataset):
     def _image(self, record: InstructRecord) -> Any:
         image = self._images.get(record.image)
         if image is None:
-            image = load_image(record.image, record_id=record.uid)
+            image = self.prepare_image(load_image(record.image, record_id=record.uid))
             if self.cache_images:
                 self._images[record.image] = image
         return image
@@ -326,7 +328,8 @@ class SFTDataModule(LightningDataModule):
     def _dataset(self, records: Sequence[InstructRecord], fixed_epoch: int | None) -> SFTDataset:
         s = self.settings
         return SFTDataset(records, self.processor, self.fmt, sq_ratio=s.sq_ratio, seed=s.seed, max_length=s.max_length,
-                          on_too_long=s.on_too_long, cache_images=s.cache_images, fixed_epoch=fixed_epoch)
+                          on_too_long=s.on_too_long, cache_images=s.cache_images, fixed_epoch=fixed_epoch,
+                          image_aspect_ratio=s.image_aspect_ratio)
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is None:

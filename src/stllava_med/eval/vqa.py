@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from stllava_med.backbone import Backbone
 from stllava_med.chat import ChatFormat, prompt_text, vqa_turns
+from stllava_med.data.images import image_preparer
 from stllava_med.data.vqa import ImageError, VQARecord, load_image
 from stllava_med.eval.metrics import MedVQAMetrics
 from stllava_med.generation import generate_batch
@@ -72,12 +73,14 @@ def _rewrite_clean(path: Path, rows: dict[str, dict[str, Any]]) -> None:
 
 def predict(backbone: Backbone, records: Sequence[VQARecord], fmt: ChatFormat, predictions_path: Path, *,
             batch_size: int = 8, max_new_tokens: int = 32, on_bad_image: str = "error", progress: bool = True,
-            desc: str = "evaluate", model_id: str | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+            desc: str = "evaluate", model_id: str | None = None,
+            image_aspect_ratio: str = "keep") -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Answer every record greedily, appending to ``predictions_path``; records already there are reused.
 
     Returns the predictions in record order and run statistics (questions/s, skipped images). ``model_id``
     (default: the backbone's name) goes into every row."""
     model_id = model_id or str(getattr(backbone, "name", "") or "model")
+    prepare_image = image_preparer(backbone.processor, image_aspect_ratio)
     done = _done_ids(predictions_path)
     if done:
         _rewrite_clean(predictions_path, done)
@@ -94,7 +97,7 @@ def predict(backbone: Backbone, records: Sequence[VQARecord], fmt: ChatFormat, p
             batch_records, images = [], []
             for record in chunk:
                 try:
-                    images.append(load_image(record.image, record_id=record.id))
+                    images.append(prepare_image(load_image(record.image, record_id=record.id)))
                     batch_records.append(record)
                 except ImageError as err:
                     if on_bad_image != "skip":
@@ -153,12 +156,13 @@ def markdown_table(results: dict[str, dict[str, Any]], *, title_column: str = "d
 
 def evaluate_dataset(backbone: Backbone, records: Sequence[VQARecord], fmt: ChatFormat, out_dir: Path, *,
                      name: str, batch_size: int = 8, max_new_tokens: int = 32, on_bad_image: str = "error",
-                     progress: bool = True, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+                     progress: bool = True, extra: dict[str, Any] | None = None,
+                     image_aspect_ratio: str = "keep") -> dict[str, Any]:
     """Predict, score and write ``predictions.jsonl``, ``metrics.json`` and ``table.md`` under ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     rows, stats = predict(backbone, records, fmt, out_dir / "predictions.jsonl", batch_size=batch_size,
                           max_new_tokens=max_new_tokens, on_bad_image=on_bad_image, progress=progress,
-                          desc=f"evaluate {name}")
+                          desc=f"evaluate {name}", image_aspect_ratio=image_aspect_ratio)
     metrics = score_rows(rows)
     metrics.update({"dataset": name, "n_questions": len(records), "n_scored": len(rows), **stats, **(extra or {})})
     atomic_write_json(out_dir / "metrics.json", metrics)

@@ -3,12 +3,14 @@ to each question (STLLaVA-Med stage 2a, first half).
 
 Per image (``question_source=self``):
 
-1. **describe** — greedy, ``ChatFormat.describe_instruction`` as the user turn;
+1. **describe** — greedy, ``prompts.describe`` as the user turn (the official "Can you describe the image in
+   detail?"), under ``prompts.question_system``;
 2. **ask** — continuing the conversation in the *questioner* role (the rendering stage 1 trains on), N
    questions are sampled from that one prefix with ``num_return_sequences``; for a backbone without stage-1
-   training, ``question_prompt=instruction`` asks through a user instruction instead;
+   training, ``question_prompt=instruction`` asks through a user instruction (``prompts.question``) instead;
 3. **answer** — each question is put to the policy as the single-turn VQA prompt (the prompt evaluation uses and
-   DPO trains on) and K answers are sampled with one ``num_return_sequences=K`` call.
+   DPO trains on) under ``prompts.answer_system``, and K answers are sampled with one ``num_return_sequences=K``
+   call.
 
 With ``question_source=dataset`` the questions (and their ground-truth answers, for the ``reference`` expert)
 come from a labelled VQA set and only step 3 runs. ``include_reference_answer`` (off by default, not the
@@ -38,10 +40,12 @@ import torch
 from tqdm.auto import tqdm
 
 from stllava_med.chat import Turn, prompt_text, vqa_turns
+from stllava_med.data.images import IMAGE_ASPECT_RATIOS, image_preparer
 from stllava_med.data.vqa import ImageError, load_image
 from stllava_med.families import processor_family
 from stllava_med.generation import generate_batch, sample_sequences, supports_shared_prefix
-from stllava_med.schema import GenerateSettings, Sampling
+from stllava_med.prompts import with_system
+from stllava_med.schema import GeneratePrompts, GenerateSettings, Sampling
 from stllava_med.selftrain.records import Candidate, candidate_id
 from stllava_med.utils.config import check_keys
 from stllava_med.utils.io import JsonlWriter, read_jsonl, sha256_file, stable_hash, write_jsonl
@@ -82,6 +86,9 @@ class GenerationSettings(GenerateSettings):
             raise ValueError(f"generate.shared_prefix must be auto, true or false, not {self.shared_prefix!r}")
         if self.on_bad_image not in ("error", "skip"):
             raise ValueError(f"generate.on_bad_image must be 'error' or 'skip', not {self.on_bad_image!r}")
+        if self.image_aspect_ratio not in IMAGE_ASPECT_RATIOS:
+            raise ValueError(f"generate.image_aspect_ratio must be one of {IMAGE_ASPECT_RATIOS}, "
+                             f"not {self.image_aspect_ratio!r}")
         for name in ("image_batch_size", "answer_batch_size", "shard_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"generate.{name} must be >= 1, got {getattr(self, name)}")
@@ -248,10 +255,15 @@ def batch_seed(seed: int, batch_index: int) -> int:
 class CandidateGenerator:
     """Runs the three generation steps for batches of images with one backbone."""
 
-    def __init__(self, backbone: Any, fmt: Any, settings: GenerationSettings) -> None:
+    def __init__(self, backbone: Any, fmt: Any, settings: GenerationSettings,
+                 prompts: GeneratePrompts | None = None) -> None:
         self.backbone = backbone
         self.fmt = fmt
         self.settings = settings
+        self.prompts = prompts or GeneratePrompts()
+        # describe + ask under one system text, answers under another (official: v1_sq / llava_v1); null: fmt's
+        self.question_fmt = with_system(fmt, self.prompts.question_system, "prompts.question_system")
+        self.answer_fmt = with_system(fmt, self.prompts.answer_system, "prompts.answer_system")
         self.counts: Counter = Counter()
         choice = str(settings.shared_prefix).lower()
         supported = supports_shared_prefix(backbone.model)
@@ -265,19 +277,20 @@ class CandidateGenerator:
     # -- prompts ----------------------------------------------------------------------------------------------
 
     def describe_prompt(self) -> str:
-        return prompt_text(self.backbone.processor, [Turn("user", self.fmt.describe_instruction)], "assistant", self.fmt)
+        return prompt_text(self.backbone.processor, [Turn("user", self.prompts.describe)], "assistant",
+                           self.question_fmt)
 
     def question_prompt(self, description: str | None) -> str:
         turns: list[Turn] = []
         if description is not None:
-            turns = [Turn("user", self.fmt.describe_instruction), Turn("assistant", description)]
+            turns = [Turn("user", self.prompts.describe), Turn("assistant", description)]
         if self.settings.question_prompt == "questioner":
-            return prompt_text(self.backbone.processor, turns, "questioner", self.fmt)
-        return prompt_text(self.backbone.processor, [*turns, Turn("user", self.fmt.question_instruction)],
-                           "assistant", self.fmt)
+            return prompt_text(self.backbone.processor, turns, "questioner", self.question_fmt)
+        return prompt_text(self.backbone.processor, [*turns, Turn("user", self.prompts.question)],
+                           "assistant", self.question_fmt)
 
     def answer_prompt(self, question: str) -> str:
-        return prompt_text(self.backbone.processor, vqa_turns(question), "assistant", self.fmt)
+        return prompt_text(self.backbone.processor, vqa_turns(question), "assistant", self.answer_fmt)
 
     # -- sampling with deduplication -------------------------------------------------------------------------
 
@@ -374,7 +387,7 @@ class CandidateGenerator:
 
 
 def generate_candidates(backbone: Any, fmt: Any, tasks: Sequence[ImageTask], settings: GenerationSettings,
-                        out_dir: str | Path) -> dict[str, Any]:
+                        out_dir: str | Path, prompts: GeneratePrompts | None = None) -> dict[str, Any]:
     """Generate candidates for ``tasks`` (resuming what ``out_dir`` already holds); returns the run summary."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -387,7 +400,8 @@ def generate_candidates(backbone: Any, fmt: Any, tasks: Sequence[ImageTask], set
     todo_total = sum(1 for t in tasks if t.image_id not in done)
     if done:
         log.info("generate: resuming, %d/%d images already done", len(tasks) - todo_total, len(tasks))
-    generator = CandidateGenerator(backbone, fmt, settings)
+    generator = CandidateGenerator(backbone, fmt, settings, prompts)
+    prepare_image = image_preparer(backbone.processor, settings.image_aspect_ratio)
     shards = ShardWriter(out_dir / "candidates", shard_size=settings.shard_size)
     progress = JsonlWriter(out_dir / PROGRESS_FILE)
     started = time.perf_counter()
@@ -403,7 +417,7 @@ def generate_candidates(backbone: Any, fmt: Any, tasks: Sequence[ImageTask], set
             loaded, images = [], []
             for task in batch:
                 try:
-                    images.append(load_image(task.path, record_id=task.image_id[:12]))
+                    images.append(prepare_image(load_image(task.path, record_id=task.image_id[:12])))
                     loaded.append(task)
                 except ImageError as err:
                     if settings.on_bad_image != "skip":

@@ -4,8 +4,11 @@
 Differences from the official code, deliberately: a tie is dropped and counted instead of going to answer 2,
 and pairs whose margin is under ``min_margin`` are dropped and counted too (a 6-vs-5 verdict is mostly noise).
 ``max_per_image`` optionally keeps only an image's strongest pairs (largest margin first), so a few images with
-many questions do not dominate DPO. When several answers share the best (or worst) score, the first of them in
-sampling order is taken, which keeps the result deterministic.
+many questions do not dominate DPO, and ``max_pairs`` then caps the total (the paper trained DPO on about 10K
+pairs): both keep the largest margins, ties between equal margins broken by pair id, so the result is
+deterministic and independent of the order candidates were judged in; the kept pairs stay in candidate order.
+Each cap's drops are counted (``capped``: per image, ``capped_total``: the total cap). When several answers share
+the best (or worst) score, the first of them in sampling order is taken.
 
 Pairs are written as JSONL shards of :class:`~stllava_med.data.preference.PreferencePair` (the DPO stage's
 schema): ``prompt`` is the question, rendered at training time as the single-turn VQA conversation the answers
@@ -40,7 +43,8 @@ class PairStats:
     unjudged: int = 0
     ties_dropped: int = 0
     low_margin_dropped: int = 0
-    capped: int = 0
+    capped: int = 0        # dropped by max_per_image
+    capped_total: int = 0  # dropped by max_pairs
     pairs: int = 0
     failure_reasons: Counter = field(default_factory=Counter)
 
@@ -48,7 +52,7 @@ class PairStats:
         return {"images": self.images, "questions": self.questions, "candidates": self.candidates,
                 "judged": self.judged, "failed": self.failed, "unjudged": self.unjudged,
                 "ties_dropped": self.ties_dropped, "low_margin_dropped": self.low_margin_dropped,
-                "capped": self.capped, "pairs": self.pairs,
+                "capped": self.capped, "capped_total": self.capped_total, "pairs": self.pairs,
                 "failure_reasons": dict(self.failure_reasons.most_common(20))}
 
 
@@ -121,12 +125,21 @@ def build_pairs(candidates: Sequence[Candidate], judgements: Mapping[str, Judgem
             by_image[pair.meta["image_sha256"]].append(pair)
         allowed: set[str] = set()
         for pairs in by_image.values():
-            strongest = sorted(pairs, key=lambda p: (-p.meta["margin"], p.id))[: settings.max_per_image]
+            strongest = sorted(pairs, key=_strength)[: settings.max_per_image]
             allowed.update(p.id for p in strongest)
         stats.capped = len(kept) - len(allowed)
         kept = [p for p in kept if p.id in allowed]
+    if settings.max_pairs is not None and len(kept) > settings.max_pairs:
+        strongest_ids = {p.id for p in sorted(kept, key=_strength)[: settings.max_pairs]}
+        stats.capped_total = len(kept) - len(strongest_ids)
+        kept = [p for p in kept if p.id in strongest_ids]
     stats.pairs = len(kept)
     return kept, stats
+
+
+def _strength(pair: PreferencePair) -> tuple[float, str]:
+    """Sort key of the caps: largest margin first, then pair id (deterministic)."""
+    return (-pair.meta["margin"], pair.id)
 
 
 def write_shards(pairs: Sequence[PreferencePair], out_dir: str | Path, *, shard_size: int = 5000) -> list[Path]:

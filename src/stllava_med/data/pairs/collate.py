@@ -12,6 +12,7 @@ import torch
 from stllava_med.chat import IGNORE_INDEX, ChatFormat, pad_sequences
 from stllava_med.data.pairs.encoding import EncodedPair, encode_pair, once_processor
 from stllava_med.data.preference import PreferencePair, resolve_image
+from stllava_med.data.images import image_preparer
 from stllava_med.data.vqa import load_image
 from stllava_med.families import processor_family
 
@@ -26,10 +27,12 @@ class PairItem:
 class PairCollator:
     """Loads images and tokenises pairs into one batch dict (the fields: see :mod:`stllava_med.data.pairs`)."""
 
-    def __init__(self, processor: Any, fmt: ChatFormat, *, image_root: str | None = None) -> None:
+    def __init__(self, processor: Any, fmt: ChatFormat, *, image_root: str | None = None,
+                 image_aspect_ratio: str = "keep") -> None:
         self.processor = processor
         self.fmt = fmt
         self.image_root = image_root
+        self.prepare_image = image_preparer(processor, image_aspect_ratio)  # data.image_aspect_ratio
         self.pad_id = int(processor.tokenizer.pad_token_id)
         self.family = processor_family(processor)
         self._once, _ = once_processor(processor)
@@ -37,7 +40,7 @@ class PairCollator:
     def encode(self, item: PairItem) -> EncodedPair:
         pair = item.pair
         images = [resolve_image(i, item.shard, self.image_root) for i in pair.images]
-        image = load_image(images[0], record_id=pair.id) if images else None
+        image = self.prepare_image(load_image(images[0], record_id=pair.id)) if images else None
         return encode_pair(self._once, self.fmt, pair, image)
 
     def __call__(self, items: Sequence[PairItem]) -> dict[str, Any]:

@@ -39,7 +39,8 @@ class PreferenceDataModule(LightningDataModule):
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self._rank = rank
         self._world_size = world_size
-        self.collator = PairCollator(processor, fmt, image_root=settings.image_root)
+        self.collator = PairCollator(processor, fmt, image_root=settings.image_root,
+                                     image_aspect_ratio=settings.image_aspect_ratio)
         self.train_scan: ScanResult | None = None
         self.val_scan: ScanResult | None = None
         self.train_entries: list[ScanEntry] = []

@@ -29,6 +29,7 @@ from stllava_med.data.preference import (
     parse_pair_line,
     resolve_image,
 )
+from stllava_med.data.images import image_preparer
 from stllava_med.data.vqa import ImageError, load_image
 from stllava_med.utils.io import atomic_write_json, load_json, sha256_file, stable_hash
 
@@ -64,10 +65,13 @@ class PairMeasurer:
     encode on the first pair each process measures (and every ``check_every`` pairs); on a mismatch, or for
     processors without that method, every pair is fully encoded instead."""
 
-    def __init__(self, processor: Any, fmt: ChatFormat, *, check_every: int = 200) -> None:
+    def __init__(self, processor: Any, fmt: ChatFormat, *, check_every: int = 200,
+                 image_aspect_ratio: str = "keep") -> None:
         self.processor = processor
         self.fmt = fmt
         self.check_every = check_every
+        self.pad = image_aspect_ratio == "pad"
+        self.prepare_image = image_preparer(processor, image_aspect_ratio)
         self.count = 0
         placeholder = getattr(processor, "image_token", None)
         self.placeholder_id = processor.tokenizer.convert_tokens_to_ids(placeholder) if placeholder else None
@@ -104,7 +108,8 @@ class PairMeasurer:
                 n_tokens = None
                 if images:
                     with Image.open(images[0]) as img:  # the header only: no decoding
-                        n_tokens = self._image_tokens(img.size)
+                        size = (max(img.size),) * 2 if self.pad else img.size  # pad: a square of the long side
+                        n_tokens = self._image_tokens(size)
                 c_len, c_first, c_count = self._text_lengths(vqa_turns(pair.prompt, pair.chosen), n_tokens)
                 r_len, r_first, r_count = self._text_lengths(vqa_turns(pair.prompt, pair.rejected), n_tokens)
                 measured = PairLengths(min(c_first, r_first), c_count, r_count, max(c_len, r_len))
@@ -113,7 +118,7 @@ class PairMeasurer:
                 self.fast, check = False, True
         if not check:
             return measured
-        image = load_image(images[0], record_id=pair.id) if images else None
+        image = self.prepare_image(load_image(images[0], record_id=pair.id)) if images else None
         exact = PairLengths.of(encode_pair(self.full, self.fmt, pair, image))
         if self.fast and exact != measured:
             log.info("fast length measurement differs from the processor (%s vs %s): encoding fully",
@@ -177,8 +182,9 @@ class ScanResult:
         return stable_hash(sorted((e.id, e.digest) for e in self.entries), n=16)
 
 
-def processor_fingerprint(processor: Any, fmt: ChatFormat) -> str:
-    """Hash of what turns a pair into tokens and pixels: tokenizer, chat template, image processing, roles."""
+def processor_fingerprint(processor: Any, fmt: ChatFormat, image_aspect_ratio: str = "keep") -> str:
+    """Hash of what turns a pair into tokens and pixels: tokenizer, chat template, image processing (and padding),
+    roles and system text."""
     tokenizer = processor.tokenizer
     backend = getattr(tokenizer, "backend_tokenizer", None)
     vocab = backend.to_str() if backend is not None else stable_hash(sorted(tokenizer.get_vocab().items()))
@@ -191,6 +197,8 @@ def processor_fingerprint(processor: Any, fmt: ChatFormat) -> str:
         "patch_size": getattr(processor, "patch_size", None),
         "format": asdict(fmt),
     }
+    if image_aspect_ratio != "keep":  # only when set: fingerprints of earlier runs stay valid
+        payload["image_aspect_ratio"] = image_aspect_ratio
     return stable_hash(payload, n=16)
 
 
@@ -206,7 +214,7 @@ class _ScanLines(IterableDataset):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        measurer = PairMeasurer(self.processor, self.fmt)
+        measurer = PairMeasurer(self.processor, self.fmt, image_aspect_ratio=self.settings.image_aspect_ratio)
         index = -1
         for shard_index, shard in enumerate(self.shards):
             for lineno, line in iter_lines(shard):
@@ -259,7 +267,7 @@ def scan_key(shards: Sequence[Path], processor: Any, fmt: ChatFormat, settings: 
     return stable_hash({
         "version": SCAN_VERSION,
         "shards": [(str(s), sha256_file(s)) for s in shards],
-        "processor": processor_fingerprint(processor, fmt),
+        "processor": processor_fingerprint(processor, fmt, settings.image_aspect_ratio),
         "max_length": settings.max_length,
         "image_root": settings.image_root,
         "on_bad_pair": settings.on_bad_pair,
