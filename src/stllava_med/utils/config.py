@@ -101,6 +101,12 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("project_root", lambda: str(project_root()))
     if not OmegaConf.has_resolver("config_groups"):
         OmegaConf.register_new_resolver("config_groups", config_group_options)
+    from stllava_med.utils.launch import device_count, gpu_count
+
+    if not OmegaConf.has_resolver("device_count"):  # conf/hydra/launcher/submitit_slurm.yaml: tasks per node
+        OmegaConf.register_new_resolver("device_count", device_count)
+    if not OmegaConf.has_resolver("gpu_count"):  # ... and GPUs per node
+        OmegaConf.register_new_resolver("gpu_count", gpu_count)
 
 
 register_resolvers()
@@ -217,6 +223,14 @@ def stage_main(config_name: str) -> Any:
                 except UnknownConfigKey as err:
                     print(f"Error: {err}", file=sys.stderr)
                     sys.exit(2)
+                if any(a in ("-m", "--multirun") for a in argv) and "--cfg" not in argv and "-c" not in argv:
+                    from stllava_med.utils.launch import LauncherMismatch, check_launcher
+
+                    try:  # before Hydra submits anything: the SLURM launcher must match the trainer
+                        check_launcher(chosen, argv, config_dir=conf_dir())
+                    except LauncherMismatch as err:
+                        print(f"Error: {err}", file=sys.stderr)
+                        sys.exit(2)
             return hydra_main(*args, **kwargs)
 
         return main
