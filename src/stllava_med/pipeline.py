@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -151,13 +153,63 @@ def stage_config(cfg: DictConfig, stage: str, *, backbone: dict[str, Any] | None
 
 
 
+def process_rank() -> int:
+    """This process's global rank in a distributed launch (0 when there is none). Lightning's subprocess launcher
+    (trainer=ddp on one node) re-runs the same command in each extra rank with ``LOCAL_RANK`` / ``NODE_RANK`` set;
+    torchrun sets ``RANK``; ``srun`` with several tasks sets ``SLURM_PROCID``."""
+    for key in ("RANK", "SLURM_PROCID"):
+        if os.environ.get(key, "").isdigit() and int(os.environ[key]) > 0:
+            return int(os.environ[key])
+    local, node = os.environ.get("LOCAL_RANK", "0"), os.environ.get("NODE_RANK", "0")
+    return 1 if (local.isdigit() and int(local) > 0) or (node.isdigit() and int(node) > 0) else 0
+
+
+# Stages whose runner joins a distributed run (trainer=ddp / fsdp): every rank runs them together.
+DISTRIBUTED_STAGES = ("sft", "dpo")
+
+
+def _leave_process_group() -> None:
+    """End the process group a distributed stage's trainer left initialised, on every rank: rank 0's next stages
+    (generation, evaluation) run alone, and their torchmetrics would otherwise wait to sync with the other ranks.
+    The next distributed stage's trainer initialises a new one."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def _wait_for(done: Path, label: str, poll_s: float = 2.0) -> dict[str, Any]:
+    """A non-zero rank waits for rank 0 to finish ``label`` (its DONE.json), then reads what rank 0 recorded."""
+    waited = 0.0
+    while not done.is_file():
+        if waited and waited % 300 < poll_s:
+            log.info("%s: rank %d waits for rank 0 (%d s)", label, process_rank(), int(waited))
+        time.sleep(poll_s)
+        waited += poll_s
+    return json.loads(done.read_text())
+
+
 def run_stage(label: str, stage_dir: Path, runner: Callable[[Path], dict[str, Any]],
-              loggers: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+              loggers: list[str] | tuple[str, ...] = (), *, distributed: bool = False) -> dict[str, Any]:
     """Run ``runner(stage_dir)`` unless ``stage_dir/DONE.json`` says it already finished; record its summary.
+
+    Rank 0 decides: it takes the stage's lock, runs and records the stage. Other ranks of a distributed launch
+    never take the lock (rank 0 holds it while it initialises the process group they must join): they run a
+    ``distributed`` stage with rank 0 (its trainer joins theirs), then wait for rank 0's record, and wait for
+    every other stage.
 
     ``loggers`` names the stage's loggers: they are not part of its directory's hash, so a finished stage is
     reused whatever they are, and the reuse says that nothing reached them."""
     done = stage_dir / "DONE.json"
+    if process_rank() > 0:
+        if done.is_file():
+            return {**json.loads(done.read_text()), "reused": True}
+        if distributed:
+            stage_dir.mkdir(parents=True, exist_ok=True)
+            runner(stage_dir)
+            _leave_process_group()
+        return {**_wait_for(done, label), "reused": False}
     with file_lock(stage_dir.parent / f".{stage_dir.name}.lock"):
         if done.is_file():
             if loggers:
@@ -170,6 +222,8 @@ def run_stage(label: str, stage_dir: Path, runner: Callable[[Path], dict[str, An
         log.info("%s: running in %s", label, stage_dir)
         stage_dir.mkdir(parents=True, exist_ok=True)
         summary = runner(stage_dir)
+        if distributed:
+            _leave_process_group()
         record = {"label": label, "dir": str(stage_dir), "summary": summary}
         atomic_write_json(done, record)
         return {**record, "reused": False}
@@ -226,7 +280,8 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
                 stage_cfg.out_dir = str(out_dir)
             return _plain(fn(stage_cfg, out_dir)) or {}
 
-        stages[label] = run_stage(label, stage_dir, runner, logger_names(_plain(stage_cfg.get("logger"))))
+        stages[label] = run_stage(label, stage_dir, runner, logger_names(_plain(stage_cfg.get("logger"))),
+                                  distributed=stage in DISTRIBUTED_STAGES)
         return stages[label]
 
     # ---- stage 1: visual self-questioning SFT
@@ -277,6 +332,9 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
                "evaluations": evaluations, "dpo": dpo_summaries, "final_policy": policy["name_or_path"]}
     table = comparison_table(evaluations, dpo_summaries)
     summary["table"] = table
+    if process_rank() > 0:  # rank 0 writes the pipeline's files
+        summary["plot"] = None
+        return summary
     atomic_write_text(root / "table.md", table)
     plot = comparison_plot(evaluations, root / "comparison.png")
     summary["plot"] = str(plot) if plot else None
@@ -384,6 +442,8 @@ def objective_metrics(summary: dict[str, Any]) -> dict[str, Any]:
 @stage_main("pipeline")
 def main(cfg: DictConfig) -> float | None:
     summary = run_pipeline(cfg)
+    if process_rank() > 0:  # the other ranks of a distributed launch followed rank 0, which reports
+        return None
     print(f"\nSTLLaVA-Med pipeline — {summary['root']}\n\n{summary['table']}")
     reused = [k for k, v in summary["stages"].items() if v["reused"]]
     if reused:

@@ -163,3 +163,27 @@ def test_make_demo_pipeline_completes(tmp_path, tiny_backbone_path):
     train = summary["dpo"]["round1"]["train"]
     assert train["rewards/margins"] > 0.4 and train["rewards/accuracies"] > 0.6, train
     assert (out / "comparison.png").stat().st_size > 1000
+
+
+def test_pipeline_under_two_process_ddp(tmp_path, tiny_backbone_path):
+    """trainer=ddp for SFT and DPO (2 CPU processes, gloo): Lightning re-runs the pipeline command in rank 1; rank 0
+    alone decides stage reuse and holds the stage locks, rank 1 joins the two training stages and waits for the
+    others. Every stage runs once, nothing deadlocks, rank 0 alone writes and reports."""
+    ddp = ['"trainer.accelerator=cpu"', '"trainer.devices=2"', '"trainer.strategy=ddp"',
+           '"+trainer.use_distributed_sampler=false"']
+    root = tmp_path / "pipe"
+    proc = _python("stllava_med.pipeline", "experiment=smoke", f"out_dir={root}", f"hydra.run.dir={tmp_path / 'hydra'}",
+                   f'stages.sft.overrides=["experiment=sft_tiny","logger=none","trainer.max_steps=12",{",".join(ddp)}]',
+                   f'stages.dpo.overrides=["logger=csv","trainer.max_steps=6",{",".join(ddp)}]', timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    log = proc.stdout + proc.stderr
+    assert log.count("Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2") == 2  # rank 1 joined SFT and DPO
+    assert proc.stdout.count("STLLaVA-Med pipeline") == 1  # rank 0 reports
+    summary = json.loads((root / "pipeline_summary.json").read_text())
+    assert not any(s["reused"] for s in summary["stages"].values())
+    for group, pattern in (("round0", "sft-*"), ("round1", "generate-*"), ("round1", "judge-*"), ("round1", "dpo-*")):
+        assert len(list((root / group).glob(pattern))) == 1, (group, pattern)
+    assert len(list((root / "eval").glob("evaluate-*"))) == 2
+    dpo = summary["dpo"]["round1"]
+    assert dpo["global_step"] == 6 and "loss" in dpo["val"]
+    assert (Path(dpo["export"]["merged"]) / "config.json").is_file()

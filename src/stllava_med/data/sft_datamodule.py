@@ -25,13 +25,14 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from stllava_med.chat import IGNORE_INDEX, ChatFormat, SequenceTooLong, encode, pad_sequences
 from stllava_med.data.fraction import fraction_score, in_fraction, write_selected_ids
-from stllava_med.data.instruct import InstructRecord
 from stllava_med.data.images import image_preparer
+from stllava_med.data.instruct import InstructRecord
 from stllava_med.data.vqa import load_image
 from stllava_med.families import BY_NAME, processor_family
 from stllava_med.schema import SFTData, SFTSettings
 from stllava_med.sft.losses import count_targets
 from stllava_med.sft.questioning import questioner_draws
+from stllava_med.utils.runtime import worker_ignores_sigterm
 
 log = logging.getLogger(__name__)
 
@@ -305,6 +306,9 @@ class SFTDataSettings(SFTData):
 class SFTDataModule(LightningDataModule):
     """Receives built records and the processor; never reads configs or paths."""
 
+    def _worker_init(self) -> Callable[[int], None] | None:
+        return worker_ignores_sigterm if self.settings.num_workers else None
+
     def __init__(self, train_records: Sequence[InstructRecord], val_records: Sequence[InstructRecord],
                  processor: Any, fmt: ChatFormat, settings: SFTDataSettings) -> None:
         super().__init__()
@@ -366,7 +370,7 @@ class SFTDataModule(LightningDataModule):
                                           rank=rank, world_size=world)
         loader = ResumableDataLoader(self.train_set, batch_size=self.settings.batch_size, sampler=self.train_sampler,
                                      collate_fn=self._collate(), num_workers=self.settings.num_workers,
-                                     pin_memory=self.settings.pin_memory,
+                                     pin_memory=self.settings.pin_memory, worker_init_fn=self._worker_init(),
                                      persistent_workers=False)  # workers must see each epoch's sampler state
         if self.trainer is not None:
             trainer = self.trainer
@@ -406,4 +410,4 @@ class SFTDataModule(LightningDataModule):
         sampler = EpochSampler(len(self.val_set), seed=0, shuffle=False, rank=rank, world_size=world)
         return DataLoader(self.val_set, batch_size=self.settings.val_batch_size or self.settings.batch_size,
                           sampler=sampler, collate_fn=self._collate(), num_workers=self.settings.num_workers,
-                          pin_memory=self.settings.pin_memory)
+                          pin_memory=self.settings.pin_memory, worker_init_fn=self._worker_init())

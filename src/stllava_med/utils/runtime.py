@@ -274,3 +274,12 @@ def exit_incomplete(stage: str, code: int, message: str) -> None:
     if _in_multirun():
         raise StageIncomplete(f"{stage}: {message}")
     raise StageStopped(code, f"{stage}: {message}")
+
+
+def worker_ignores_sigterm(worker_id: int) -> None:
+    """``worker_init_fn`` of our DataLoaders: a worker ignores SIGTERM. SLURM (and ``kill -- -PGID``) signals every
+    process of a job; a worker killed by it fails the step before the main process, which handles the signal,
+    can write its checkpoint. The main process ends its workers itself."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)

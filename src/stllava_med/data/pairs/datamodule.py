@@ -22,6 +22,7 @@ from stllava_med.data.pairs.settings import PreferenceDataSettings
 from stllava_med.data.pairs.sources import prepare_shards
 from stllava_med.data.pairs.stream import PreferenceBatches, PreferenceLoader, StreamPlan
 from stllava_med.utils.io import atomic_write_json, stable_hash
+from stllava_med.utils.runtime import worker_ignores_sigterm
 
 log = logging.getLogger(__name__)
 
@@ -229,7 +230,8 @@ class PreferenceDataModule(LightningDataModule):
         dataset = self.val_dataset()
         dataset.check_every_slot_has_pairs("validation pairs")
         return DataLoader(dataset, batch_size=None, num_workers=self.settings.num_workers,
-                          collate_fn=identity_collate, pin_memory=torch.cuda.is_available())
+                          collate_fn=identity_collate, pin_memory=torch.cuda.is_available(),
+                          worker_init_fn=worker_ignores_sigterm if self.settings.num_workers else None)
 
     def reference_batches(self, ids: set[str] | None = None, *, rank: int = 0, world_size: int = 1,
                           batch_size: int | None = None) -> PreferenceBatches:

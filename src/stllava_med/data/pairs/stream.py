@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from stllava_med.data.pairs.collate import PairCollator, PairItem, identity_collate
 from stllava_med.data.preference import BadPairError, PreferencePair, iter_lines, parse_pair_line
+from stllava_med.utils.runtime import worker_ignores_sigterm
 
 
 @dataclass
@@ -203,7 +204,7 @@ class PreferenceLoader(DataLoader):
 
     def __init__(self, dataset: PreferenceBatches, *, num_workers: int, pin_memory: bool = False) -> None:
         super().__init__(dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
-                         collate_fn=identity_collate)
+                         collate_fn=identity_collate, worker_init_fn=worker_ignores_sigterm if num_workers else None)
         self._next_epoch = 0
         self._epoch = 0
         self._consumed = 0
