@@ -39,3 +39,71 @@ def test_four_parallel_sweep_jobs_write_each_reference_entry_once(tmp_path, tiny
     for run in runs:
         summary = json.loads(run.read_text())
         assert summary["pairs"]["train"] + summary["pairs"]["val"] == 200
+
+
+SLURM_SCRIPTS = sorted((REPO_ROOT / "scripts" / "slurm").glob("*"))
+
+
+@pytest.mark.parametrize("script", SLURM_SCRIPTS, ids=lambda p: p.name)
+def test_slurm_scripts_parse_and_log_where_a_folder_exists(script):
+    proc = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    text = script.read_text()
+    assert ".venv/bin/python" not in text  # the interpreter comes from the environment
+    for line in text.splitlines():
+        if line.startswith("#SBATCH --output="):  # opened by SLURM before the script runs: no folder to create
+            assert "/" not in line.split("=", 1)[1], line
+        if line.startswith("#SBATCH"):
+            assert "#" not in line[len("#SBATCH"):], line  # no trailing comments on directives
+
+
+def test_submit_wrapper_makes_the_log_folder_first(tmp_path):
+    stub = tmp_path / "sbatch"
+    stub.write_text(f'#!/bin/bash\n[ -d logs/slurm ] && echo "$PWD $*" > {tmp_path}/args\n')
+    stub.chmod(0o755)
+    proc = subprocess.run(["bash", str(REPO_ROOT / "scripts" / "slurm" / "submit.sh"), "--nodes=2",
+                           "scripts/slurm/train_dpo.sbatch", "dpo.beta=0.1"], cwd=tmp_path,
+                          env={**os.environ, "SBATCH": str(stub)}, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "args").read_text().split() == [
+        str(REPO_ROOT), "--output=logs/slurm/%x-%j.out", "--nodes=2", "scripts/slurm/train_dpo.sbatch", "dpo.beta=0.1"]
+
+
+def _simulated_slurm(tmp_path):
+    """``srun`` / ``scontrol`` stubs and an environment's ``python`` on PATH (no .venv path), SLURM's variables."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, body in {"srun": 'exec "$@"', "scontrol": 'echo "scontrol $*" >> "$SLURM_SUBMIT_DIR/scontrol.log"',
+                       "python": f'exec {sys.executable} "$@"'}.items():
+        (bin_dir / name).write_text(f"#!/bin/bash\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    env = {k: v for k, v in ENV.items() if not k.startswith("SLURM_") and k != "PYTHON"}
+    env.update({"PATH": f"{bin_dir}:/usr/bin:/bin", "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "stllava-dpo",
+                "SLURM_SUBMIT_DIR": str(REPO_ROOT), "SLURM_NTASKS": "1", "SLURM_NTASKS_PER_NODE": "1",
+                "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_NNODES": "1",
+                "SLURM_JOB_NUM_NODES": "1", "SLURM_NODELIST": "node001", "SLURM_CPUS_PER_TASK": "1"})
+    return env
+
+
+def test_dpo_sbatch_runs_a_tiny_stage_with_plain_progress_lines(tmp_path, tiny_backbone_path):
+    """The script as plain bash under simulated SLURM, its stdout a file as SLURM's .out: a 20-step DPO run ends,
+    and the non-terminal stdout got plain progress lines (step/total, rate, ETA) while it ran."""
+    shard = write_shard(tmp_path / "pairs.jsonl", sample_pairs(24, stride=7))
+    out = tmp_path / "run"
+    log_file = tmp_path / "stllava-dpo-4242.out"
+    with open(log_file, "w") as fh:
+        proc = subprocess.run(
+            ["bash", str(REPO_ROOT / "scripts" / "slurm" / "train_dpo.sbatch"), "trainer=cpu", f"data.path={shard}",
+             f"out_dir={out}", f"hydra.run.dir={tmp_path}/hydra", f"data.scan_cache_dir={tmp_path}/scan",
+             "trainer.max_steps=20", "trainer.max_epochs=-1", "data.batch_size=2", "data.val_fraction=0.2",
+             "data.num_workers=0", "num_threads=1", "data.progress=false", "export.merged=false"],
+            cwd=tmp_path, env=_simulated_slurm(tmp_path), stdout=fh, stderr=subprocess.STDOUT, timeout=600)
+    text = log_file.read_text()
+    assert proc.returncode == 0, text[-3000:]
+    assert json.loads((out / "metrics.json").read_text())["global_step"] == 20
+    progress = [line for line in text.splitlines() if "stllava_med.progress" in line]
+    assert len(progress) >= 5, text[-3000:]
+    assert all(" steps/s · " in line and "ETA " in line for line in progress[:-1]), progress
+    assert "Step 20/20 (100%)" in progress[-1]
+    steps = [int(line.split("Step ", 1)[1].split("/", 1)[0]) for line in progress]
+    assert steps == sorted(set(steps))  # one line per step reported, in order
