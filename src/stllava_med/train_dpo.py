@@ -107,8 +107,8 @@ def run_train_dpo(cfg: DictConfig, *, callbacks: Iterable[Any] = (), out_dir: Pa
     from stllava_med.backbone import load_backbone
     from stllava_med.chat import ChatFormat
     from stllava_med.data.pairs.datamodule import PreferenceDataModule
-    from stllava_med.prompts import with_system
     from stllava_med.dpo.module import DPOModule
+    from stllava_med.prompts import with_system
     from stllava_med.stage import fit_and_export
 
     out_dir = out_dir or start_run(cfg, "dpo")

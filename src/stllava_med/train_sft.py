@@ -93,13 +93,13 @@ def run_train_sft(cfg: DictConfig, *, callbacks: Sequence[Any] = ()) -> dict[str
     ``callbacks`` are extra Lightning callbacks (tests use one to interrupt a run)."""
     from stllava_med.backbone import load_backbone
     from stllava_med.chat import ChatFormat
-    from stllava_med.prompts import with_system
     from stllava_med.data.sft_datamodule import (
         SFTDataModule,
         SFTDataSettings,
         split_and_select,
         write_selection,
     )
+    from stllava_med.prompts import with_system
     from stllava_med.sft.module import SFTModule
     from stllava_med.stage import fit_and_export
 

@@ -130,7 +130,12 @@ def test_evaluation_pads(sample_dir, tiny_backbone, tmp_path):
 
 def test_generation_pads(sample_dir, tiny_backbone, tmp_path):
     from stllava_med.schema import Sampling
-    from stllava_med.selftrain.generate import GenerationSettings, GivenQuestion, ImageTask, generate_candidates
+    from stllava_med.selftrain.generate import (
+        GenerationSettings,
+        GivenQuestion,
+        ImageTask,
+        generate_candidates,
+    )
     from stllava_med.utils.io import read_jsonl
 
     original = sample_dir / "images" / WIDE

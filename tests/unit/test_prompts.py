@@ -116,7 +116,7 @@ def test_dpo_and_evaluation_prompts(official, image):
     text, _ = render_with_spans(official, vqa_turns("Is there a fracture?", "no"), dpo)
     assert text == f"{V1} USER: <image>\nIs there a fracture? ASSISTANT: no</s>"
     enc = encode(official, vqa_turns("Is there a fracture?", "no"), dpo, image)
-    assert official.tokenizer.decode(enc.input_ids[enc.labels != -100]) .strip() == "no</s>"
+    assert official.tokenizer.decode(enc.input_ids[enc.labels != -100]).strip() == "no</s>"
     evaluation = with_system(ChatFormat(), "llava_v1")
     assert prompt_text(official, vqa_turns("Where is the lesion?"), "assistant", evaluation) == \
         f"{LLAVA_V1} USER: <image>\nWhere is the lesion? ASSISTANT:"

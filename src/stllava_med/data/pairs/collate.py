@@ -10,9 +10,9 @@ from typing import Any
 import torch
 
 from stllava_med.chat import IGNORE_INDEX, ChatFormat, pad_sequences
+from stllava_med.data.images import image_preparer
 from stllava_med.data.pairs.encoding import EncodedPair, encode_pair, once_processor
 from stllava_med.data.preference import PreferencePair, resolve_image
-from stllava_med.data.images import image_preparer
 from stllava_med.data.vqa import load_image
 from stllava_med.families import processor_family
 

@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm.auto import tqdm
 
 from stllava_med.chat import IGNORE_INDEX, ChatFormat, render_with_spans, vqa_turns
+from stllava_med.data.images import image_preparer
 from stllava_med.data.pairs.collate import identity_collate
 from stllava_med.data.pairs.encoding import EncodedPair, encode_pair, once_processor
 from stllava_med.data.pairs.settings import PreferenceDataSettings
@@ -29,7 +30,6 @@ from stllava_med.data.preference import (
     parse_pair_line,
     resolve_image,
 )
-from stllava_med.data.images import image_preparer
 from stllava_med.data.vqa import ImageError, load_image
 from stllava_med.utils.io import atomic_write_json, load_json, sha256_file, stable_hash
 
