@@ -39,6 +39,7 @@ from stllava_med.utils import config as _config  # noqa: F401  (registers resolv
 from stllava_med.utils.config import (
     UnknownConfigKey,
     check_against_schema,
+    command_line_overrides,
     config_fingerprint,
     logger_names,
     project_root,
@@ -335,11 +336,15 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
     if process_rank() > 0:  # rank 0 writes the pipeline's files
         summary["plot"] = None
         return summary
-    atomic_write_text(root / "table.md", table)
-    plot = comparison_plot(evaluations, root / "comparison.png")
+    # this job's files under its own directory (sweep jobs share the root), then the root's combined view
+    job_dir = root / "jobs" / f"{_slug(str(cfg.run_name))}-{config_fingerprint(cfg)}"
+    summary["job_dir"], summary["overrides"] = str(job_dir), command_line_overrides() or []
+    atomic_write_text(job_dir / "table.md", table)
+    plot = comparison_plot(evaluations, job_dir / "comparison.png")
     summary["plot"] = str(plot) if plot else None
-    atomic_write_json(root / "pipeline_summary.json", summary)
-    save_config(cfg, root, name="pipeline_config.yaml")
+    atomic_write_json(job_dir / "pipeline_summary.json", summary)
+    save_config(cfg, job_dir, name="pipeline_config.yaml")
+    combine_jobs(root)
     dpo_dirs = [stages[f"{g}/dpo"]["dir"] for g in dpo_summaries]
     finish_run(root, "pipeline", {"log_dirs": dpo_dirs, "metrics": {label: {ds: {k: m.get(k) for k in _METRICS} for ds, m in ev.items()
                                                       if isinstance(m, dict)} for label, ev in evaluations.items()},
@@ -347,6 +352,51 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
                                               "val_reward_accuracy": reward_accuracy(s, "val")}
                                           for g, s in dpo_summaries.items()}})
     return summary
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "._=-" else "-" for c in text).strip("-")[:80] or "pipeline"
+
+
+def combine_jobs(root: Path) -> dict[str, Any]:
+    """``<root>/table.md``, ``comparison.png`` and ``pipeline_summary.json`` over every pipeline job that finished
+    in ``root`` (``<root>/jobs/*/pipeline_summary.json``), rewritten under a lock by each job as it ends, so the
+    last job of a sweep leaves all of them there. A stage that every job shares (the same directory: stage-1
+    SFT and its evaluation in a β sweep) keeps its label; one that differs is labelled with the job's own
+    overrides (those not common to every job): ``dpo_round1 [stages.dpo.dpo.beta=0.5]``."""
+    with file_lock(root / ".summary.lock"):
+        jobs = {p.parent.name: json.loads(p.read_text()) for p in sorted((root / "jobs").glob("*/pipeline_summary.json"))}
+        common = set.intersection(*[set(j.get("overrides") or []) for j in jobs.values()]) if jobs else set()
+        tags = {name: " ".join(o for o in j.get("overrides") or [] if o not in common) or name for name, j in jobs.items()}
+        dirs: dict[str, set[str]] = {}
+        for job in jobs.values():
+            for label, stage in job["stages"].items():
+                dirs.setdefault(label, set()).add(stage["dir"])
+
+        def name(label: str, job: str) -> str:
+            return label if len(dirs.get(label, ())) <= 1 else f"{label} [{tags[job]}]"
+
+        stages: dict[str, Any] = {}
+        evaluations: dict[str, Any] = {}
+        dpo: dict[str, Any] = {}
+        for job_name, job in jobs.items():
+            for label, stage in job["stages"].items():
+                stages.setdefault(name(label, job_name), stage)
+            for label, result in job["evaluations"].items():
+                shown = name(f"evaluate/{label}", job_name).removeprefix("evaluate/")
+                evaluations.setdefault(shown, result)
+                group = label.removeprefix("dpo_")
+                if label.startswith("dpo_") and group in job["dpo"]:
+                    dpo.setdefault(shown.removeprefix("dpo_"), job["dpo"][group])
+        table = comparison_table(evaluations, dpo)
+        plot = comparison_plot(evaluations, root / "comparison.png")
+        combined = {"root": str(root), "jobs": {n: {"dir": j.get("job_dir"), "overrides": j.get("overrides") or [],
+                                                    "final_policy": j.get("final_policy")} for n, j in jobs.items()},
+                    "stages": stages, "evaluations": evaluations, "dpo": dpo, "table": table,
+                    "plot": str(plot) if plot else None}
+        atomic_write_text(root / "table.md", table)
+        atomic_write_json(root / "pipeline_summary.json", combined)
+        return combined
 
 
 def _complete_judge(summary: dict[str, Any]) -> dict[str, Any]:

@@ -107,3 +107,30 @@ def test_dpo_sbatch_runs_a_tiny_stage_with_plain_progress_lines(tmp_path, tiny_b
     assert "Step 20/20 (100%)" in progress[-1]
     steps = [int(line.split("Step ", 1)[1].split("/", 1)[0]) for line in progress]
     assert steps == sorted(set(steps))  # one line per step reported, in order
+
+
+def test_pipeline_sweep_jobs_keep_their_own_outputs_and_a_combined_table(tmp_path, tiny_backbone_path):
+    """Two parallel pipeline jobs (β 0.1 / 0.5) sharing a root: each writes its table / plot / summary under
+    ``<root>/jobs/<name>-<hash>``; the root's table.md lists the shared stage-1 row once and both DPO models,
+    whichever job ended last."""
+    root = tmp_path / "root"
+    proc = subprocess.run([sys.executable, "-m", "stllava_med.pipeline", "-m", "hydra/launcher=submitit_local",
+                           "experiment=smoke", "stages.dpo.dpo.beta=0.1,0.5", f"out_dir={root}",
+                           f"hydra.sweep.dir={tmp_path / 'sweep'}"],
+                          cwd=REPO_ROOT, env=ENV, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    jobs = sorted((root / "jobs").iterdir())
+    assert len(jobs) == 2
+    for job in jobs:
+        assert (job / "table.md").read_text().count("| vqa_rad_sample |") == 2
+        assert (job / "comparison.png").stat().st_size > 0 and (job / "pipeline_config.yaml").is_file()
+    combined = json.loads((root / "pipeline_summary.json").read_text())
+    assert len(combined["jobs"]) == 2
+    assert set(combined["evaluations"]) == {"stage1", "dpo_round1 [stages.dpo.dpo.beta=0.1]",
+                                            "dpo_round1 [stages.dpo.dpo.beta=0.5]"}
+    table = (root / "table.md").read_text()
+    assert table.count("| stage1 | vqa_rad_sample |") == 1
+    for beta in ("0.1", "0.5"):
+        row = next(line for line in table.splitlines() if f"[stages.dpo.dpo.beta={beta}] | vqa_rad_sample" in line)
+        assert not row.rstrip().endswith("| — |")  # the DPO row carries its own reward accuracy
+    assert (root / "comparison.png").stat().st_size > 0
