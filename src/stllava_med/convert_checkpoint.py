@@ -53,24 +53,12 @@ from typing import Any
 
 import torch
 
+from stllava_med.prompts import SYSTEM_PRESETS
+
 log = logging.getLogger("stllava_med.convert_checkpoint")
 
-# The official conversation templates' system texts (llava/conversation.py of LLaVA / STLLaVA-Med).
-SYSTEM_PROMPTS: dict[str, str] = {
-    # conv_llava_v1: evaluation and answer sampling in STLLaVA-Med, LLaVA-1.5's default
-    "llava_v1": "A chat between a curious human and an artificial intelligence assistant. The assistant gives "
-                "helpful, detailed, and polite answers to the human's questions.",
-    # conv_vicuna_v1: STLLaVA-Med's DPO training
-    "v1": "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
-          "detailed, and polite answers to the user's questions.",
-    # conv_vicuna_v1_sq: visual self-questioning (stage 1, question generation); no space before "Also"
-    "v1_sq": "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
-             "detailed, and polite answers to the user's questions.Also, the artificial intelligence assistant is a "
-             "curious virtual user. The virtual user asks complex questions that are relevant to the content in the "
-             "image, for example, asking about background knowledge of the objects in the image, asking to discuss "
-             "about events happening in the image, etc. Again, do not ask about uncertain details.",
-    "none": "",
-}
+# The official conversation templates' system texts by conv mode: stllava_med.prompts' presets ("none": no text).
+SYSTEM_PROMPTS: dict[str, str] = {name: text or "" for name, text in SYSTEM_PRESETS.items()}
 
 # The official SeparatorStyle.TWO rendering (sep " ", sep2 "</s>"): "{system} USER: <image>\n{q} ASSISTANT: {a}</s>",
 # and SQ-LLaVA's questioner turn "VUSER: {q}</s> " (the question plus sep2, then the human slot's sep). A system

@@ -119,6 +119,27 @@ def stage_settings(cfg: DictConfig, stage: str) -> dict[str, Any]:
             or key not in default_leaves or default_leaves[key] != value}
 
 
+# What the pipeline decides about the backbone of every stage: which weights (stage 1's export, round r's policy).
+_PIPELINE_BACKBONE_KEYS = ("name_or_path", "name", "adapter_path")
+
+
+def _stage_backbone(stage: str, overrides: list[str], stage_cfg: DictConfig, backbone: dict[str, Any]) -> dict:
+    """The pipeline's ``backbone`` with what the stage's own overrides and experiment set under ``backbone.*``
+    (LoRA rank, chat settings, dtype...: leaves where the stage composed with its overrides differs from the stage
+    composed without them); the weights — name_or_path, name, adapter_path — stay the pipeline's."""
+    result = OmegaConf.create(backbone)
+    if not overrides:
+        return backbone
+    plain = OmegaConf.to_container(compose_stage(stage, []).backbone, resolve=False)
+    changed = OmegaConf.to_container(stage_cfg.backbone, resolve=False)
+    base_leaves = _leaves(plain)
+    for key, value in _leaves(changed).items():
+        if key.split(".", 1)[0] in _PIPELINE_BACKBONE_KEYS or base_leaves.get(key, object()) == value:
+            continue
+        OmegaConf.update(result, key, value, merge=True, force_add=True)
+    return OmegaConf.to_container(result, resolve=False)
+
+
 def stage_config(cfg: DictConfig, stage: str, *, backbone: dict[str, Any] | None = None,
                  **fields: Any) -> DictConfig:
     """The config a stage runs with inside the pipeline: ``conf/<stage>.yaml`` composed with
@@ -136,7 +157,7 @@ def stage_config(cfg: DictConfig, stage: str, *, backbone: dict[str, Any] | None
         OmegaConf.update(stage_cfg, key, value, merge=True, force_add=True)
     with open_dict(stage_cfg):
         if backbone is not None:
-            stage_cfg.backbone = OmegaConf.create(backbone)
+            stage_cfg.backbone = OmegaConf.create(_stage_backbone(stage, overrides, stage_cfg, backbone))
         for key in ("seed", "num_threads"):
             if cfg.get(key) is not None:
                 stage_cfg[key] = cfg[key]
