@@ -23,6 +23,7 @@ pytestmark = [pytest.mark.families, pytest.mark.usefixtures("one_thread")]
 # builder module -> name of its published-template constant
 _PUBLISHED = {
     "llava15": "LLAVA15_TEMPLATE",
+    "sq_llava": "SQ_LLAVA_TEMPLATE",
     "llava_mistral": "MISTRAL_LLAVA_TEMPLATE",
     "llava_next": "MISTRAL_LLAVA_TEMPLATE",
     "qwen2_5_vl": "CHAT_TEMPLATE",
@@ -32,6 +33,7 @@ _PUBLISHED = {
 # what ends a model turn in each family (the published checkpoints' end-of-turn / EOS token)
 END_OF_TURN = {
     "llava15": "</s>",
+    "sq_llava": "</s>",
     "llava_mistral": "</s>",
     "llava_next": "</s>",
     "qwen2_5_vl": "<|im_end|>",

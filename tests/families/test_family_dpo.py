@@ -30,8 +30,8 @@ pytestmark = [pytest.mark.families, pytest.mark.usefixtures("one_thread")]
 
 # The builders' names of the families whose DPO log-probs have a fast path (prefix sharing, images encoded once)
 # and whose sampling decodes K answers from one shared prefill. A family losing (or gaining) one fails here.
-FAST_PATH = {"llava15", "llava_mistral", "llava_next", "qwen2_5_vl"}
-SHARED_PREFIX_SAMPLING = {"llava15", "llava_mistral", "llava_next", "qwen2_5_vl"}
+FAST_PATH = {"llava15", "llava_mistral", "llava_next", "qwen2_5_vl", "sq_llava"}
+SHARED_PREFIX_SAMPLING = {"llava15", "llava_mistral", "llava_next", "qwen2_5_vl", "sq_llava"}
 ATOL = 1e-4
 
 FMT = ChatFormat()

@@ -24,6 +24,7 @@ pytestmark = [pytest.mark.families, pytest.mark.usefixtures("one_thread")]
 # Parameter-name prefixes in the bare model (``<Family>ForConditionalGeneration``).
 VISION = {
     "llava15": ("model.vision_tower.",),
+    "sq_llava": ("model.vision_tower.",),
     "llava_mistral": ("model.vision_tower.",),
     "llava_next": ("model.vision_tower.",),
     "qwen2_5_vl": ("model.visual.",),  # minus the merger, which is the projector
@@ -32,6 +33,7 @@ VISION = {
 }
 PROJECTOR = {
     "llava15": ("model.multi_modal_projector.",),
+    "sq_llava": ("model.multi_modal_projector.",),  # the cluster module and its MLP
     "llava_mistral": ("model.multi_modal_projector.",),
     "llava_next": ("model.multi_modal_projector.",),  # image_newline: frozen under LoRA (families/llava_next.py)
     "qwen2_5_vl": ("model.visual.merger.",),

@@ -21,11 +21,12 @@ from dpo_support import sample_pairs, write_shard
 
 pytestmark = [pytest.mark.families, pytest.mark.usefixtures("one_thread")]
 
-FAST_PATH = {"llava15", "llava_mistral", "llava_next", "qwen2_5_vl"}
-SHARED_PREFIX_SAMPLING = {"llava15", "llava_mistral", "llava_next", "qwen2_5_vl"}
+FAST_PATH = {"llava15", "llava_mistral", "llava_next", "qwen2_5_vl", "sq_llava"}
+SHARED_PREFIX_SAMPLING = {"llava15", "llava_mistral", "llava_next", "qwen2_5_vl", "sq_llava"}
 # What each family's template writes right before a questioner turn's content (the stage-1 role, "vuser").
 QUESTIONER_HEADER = {
     "llava15": "VUSER:",
+    "sq_llava": "VUSER:",
     "llava_mistral": "[INST]",
     "llava_next": "[INST]",
     "qwen2_5_vl": "<|im_start|>vuser\n",

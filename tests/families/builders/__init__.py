@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 
-FAMILIES = ("llava15", "llava_mistral", "llava_next", "qwen2_5_vl", "idefics3", "gemma3")
+FAMILIES = ("llava15", "llava_mistral", "llava_next", "qwen2_5_vl", "idefics3", "gemma3", "sq_llava")
 
 
 def build(family: str, path: Path, seed: int = 0) -> Path:
