@@ -353,6 +353,12 @@ class GenerateSettings:
     on_bad_image: str = "error"           # error | skip (counted in summary.json)
     image_aspect_ratio: str = "keep"      # keep (the official generation) | pad (square, the processor's mean colour)
     progress: bool = True
+    # Shards (utils/sharding.py): image batch b runs in shard b % num_shards, with the seed one process gives it;
+    # each shard writes <run>/shards/shard-<i>-of-<n>/, the last to finish merges. null: RANK / WORLD_SIZE
+    # (torchrun), else SLURM_PROCID / SLURM_NTASKS (srun), else 0 / 1. Not part of the run directory's hash.
+    num_shards: int | None = 1
+    shard_index: int | None = 0
+    merge_only: bool = False              # merge the finished shards of the run directory; no model is loaded
 
 
 @dataclass
@@ -406,6 +412,11 @@ class EvalSettings:
     on_bad_image: str = "error"           # error | skip (counted in metrics.json)
     image_aspect_ratio: str = "keep"      # keep (the official evaluation) | pad (square, the processor's mean colour)
     progress: bool = True
+    # Shards, as generate.*: batch b of each dataset (padding stays that of one process) runs in shard
+    # b % num_shards; null: from RANK / WORLD_SIZE or SLURM_PROCID / SLURM_NTASKS. Not part of the run's hash.
+    num_shards: int | None = 1
+    shard_index: int | None = 0
+    merge_only: bool = False              # merge the finished shards' predictions and score them; no model
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any] | None) -> EvalSettings:
@@ -496,7 +507,7 @@ class GenerateStage(_Stage):
     prompts: GeneratePrompts = field(default_factory=GeneratePrompts)
     run_dir_ignore: list[str] = field(default_factory=lambda: [
         "device", "num_threads", "generate.progress", "generate.max_images", "generate.shard_size",
-        "generate.on_bad_image"])
+        "generate.on_bad_image", "generate.num_shards", "generate.shard_index", "generate.merge_only"])
 
 
 @dataclass
@@ -521,7 +532,8 @@ class EvaluateStage(_Objective, _Stage):
     data: DataSets = field(default_factory=DataSets)
     eval: EvalSettings = field(default_factory=EvalSettings)
     prompts: StagePrompts = field(default_factory=StagePrompts)
-    run_dir_ignore: list[str] = field(default_factory=lambda: ["eval.progress", "device", "num_threads"])
+    run_dir_ignore: list[str] = field(default_factory=lambda: ["eval.progress", "device", "num_threads",
+                                                               "eval.num_shards", "eval.shard_index", "eval.merge_only"])
 
 
 # --------------------------------------------------------------------------------------------------------------

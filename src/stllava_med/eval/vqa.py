@@ -35,6 +35,7 @@ from stllava_med.utils.io import (
     stable_hash,
     write_jsonl,
 )
+from stllava_med.utils.sharding import owns_batch
 
 log = logging.getLogger(__name__)
 
@@ -74,26 +75,36 @@ def _rewrite_clean(path: Path, rows: dict[str, dict[str, Any]]) -> None:
 def predict(backbone: Backbone, records: Sequence[VQARecord], fmt: ChatFormat, predictions_path: Path, *,
             batch_size: int = 8, max_new_tokens: int = 32, on_bad_image: str = "error", progress: bool = True,
             desc: str = "evaluate", model_id: str | None = None,
-            image_aspect_ratio: str = "keep") -> tuple[list[dict[str, Any]], dict[str, Any]]:
+            image_aspect_ratio: str = "keep",
+            shard: tuple[int, int] = (0, 1)) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Answer every record greedily, appending to ``predictions_path``; records already there are reused.
 
-    Returns the predictions in record order and run statistics (questions/s, skipped images). ``model_id``
-    (default: the backbone's name) goes into every row."""
+    Batches are cut from the full record list (batch b: records b*batch_size onwards), records already
+    predicted left out of theirs. ``shard = (index, n)`` answers only batches with ``b % n == index``, so each
+    batch, and its padding, is the one a single process decodes.
+
+    Returns the predictions (of the shard's records) in record order and run statistics (questions/s, skipped
+    images). ``model_id`` (default: the backbone's name) goes into every row."""
     model_id = model_id or str(getattr(backbone, "name", "") or "model")
     prepare_image = image_preparer(backbone.processor, image_aspect_ratio)
+    batches = [(b, list(records[start:start + batch_size]))
+               for b, start in enumerate(range(0, len(records), batch_size)) if owns_batch(b, shard)]
+    records = [r for _, batch in batches for r in batch]
     done = _done_ids(predictions_path)
     if done:
         _rewrite_clean(predictions_path, done)
         log.info("%s: resuming, %d/%d predictions already in %s", desc, len(done), len(records), predictions_path)
-    todo = [r for r in records if r.id not in done]
+    todo_count = sum(1 for r in records if r.id not in done)
     skipped: list[str] = []
     generated = 0
     started = time.perf_counter()
-    bar = tqdm(total=len(records), initial=len(records) - len(todo), desc=desc, unit="q", disable=not progress,
+    bar = tqdm(total=len(records), initial=len(records) - todo_count, desc=desc, unit="q", disable=not progress,
                dynamic_ncols=True)
     with JsonlWriter(predictions_path) as writer:
-        for start in range(0, len(todo), batch_size):
-            chunk = todo[start:start + batch_size]
+        for _, batch in batches:
+            chunk = [r for r in batch if r.id not in done]
+            if not chunk:
+                continue
             batch_records, images = [], []
             for record in chunk:
                 try:
@@ -163,6 +174,25 @@ def evaluate_dataset(backbone: Backbone, records: Sequence[VQARecord], fmt: Chat
     rows, stats = predict(backbone, records, fmt, out_dir / "predictions.jsonl", batch_size=batch_size,
                           max_new_tokens=max_new_tokens, on_bad_image=on_bad_image, progress=progress,
                           desc=f"evaluate {name}", image_aspect_ratio=image_aspect_ratio)
+    return write_dataset_results(rows, stats, records, out_dir, name=name, extra=extra)
+
+
+def merge_predictions(records: Sequence[VQARecord], shard_files: Sequence[Path]) -> list[dict[str, Any]]:
+    """The rows of the shards' prediction files in record order (a record no shard answered — an unreadable
+    image under ``on_bad_image=skip`` — is left out, as one process leaves it out)."""
+    by_id: dict[str, dict[str, Any]] = {}
+    for path in shard_files:
+        by_id.update(_done_ids(path))
+    return [by_id[r.id] for r in records if r.id in by_id]
+
+
+def write_dataset_results(rows: Sequence[dict[str, Any]], stats: dict[str, Any], records: Sequence[VQARecord],
+                          out_dir: Path, *, name: str, extra: dict[str, Any] | None = None,
+                          write_predictions: bool = False) -> dict[str, Any]:
+    """Score ``rows`` and write ``metrics.json`` and ``table.md`` (and ``predictions.jsonl``: a merge) under ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if write_predictions:
+        write_jsonl(out_dir / "predictions.jsonl", rows)
     metrics = score_rows(rows)
     metrics.update({"dataset": name, "n_questions": len(records), "n_scored": len(rows), **stats, **(extra or {})})
     atomic_write_json(out_dir / "metrics.json", metrics)

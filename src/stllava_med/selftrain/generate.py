@@ -28,7 +28,9 @@ skips done images and discards the partial output of an image a kill interrupted
 
 from __future__ import annotations
 
+import json
 import logging
+import shutil
 import time
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
@@ -49,6 +51,7 @@ from stllava_med.schema import GeneratePrompts, GenerateSettings, Sampling
 from stllava_med.selftrain.records import Candidate, candidate_id
 from stllava_med.utils.config import check_keys
 from stllava_med.utils.io import JsonlWriter, read_jsonl, sha256_file, stable_hash, write_jsonl
+from stllava_med.utils.sharding import owns_batch
 
 log = logging.getLogger(__name__)
 
@@ -386,20 +389,31 @@ class CandidateGenerator:
         return out
 
 
+def shard_tasks(tasks: Sequence[ImageTask], batch_size: int, shard: tuple[int, int]) -> list[ImageTask]:
+    """The tasks of the image batches that ``shard = (index, n)`` runs: batch b of the full list when b % n == index."""
+    return [t for b, start in enumerate(range(0, len(tasks), batch_size)) if owns_batch(b, shard)
+            for t in tasks[start:start + batch_size]]
+
+
 def generate_candidates(backbone: Any, fmt: Any, tasks: Sequence[ImageTask], settings: GenerationSettings,
-                        out_dir: str | Path, prompts: GeneratePrompts | None = None) -> dict[str, Any]:
-    """Generate candidates for ``tasks`` (resuming what ``out_dir`` already holds); returns the run summary."""
+                        out_dir: str | Path, prompts: GeneratePrompts | None = None,
+                        shard: tuple[int, int] = (0, 1)) -> dict[str, Any]:
+    """Generate candidates for ``tasks`` (resuming what ``out_dir`` already holds); returns the run summary.
+
+    ``shard = (index, n)``: only the image batches ``b`` (of the full list, seeded as one process seeds them)
+    with ``b % n == index``; the summary counts those images."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if settings.max_images is not None:
         tasks = list(tasks)[: settings.max_images]
+    mine = shard_tasks(tasks, settings.image_batch_size, shard)
     done = read_progress(out_dir)
     discarded = discard_unfinished(out_dir, done)
     if discarded:
         log.warning("generate: discarded %d candidates of images a previous run did not finish", discarded)
-    todo_total = sum(1 for t in tasks if t.image_id not in done)
+    todo_total = sum(1 for t in mine if t.image_id not in done)
     if done:
-        log.info("generate: resuming, %d/%d images already done", len(tasks) - todo_total, len(tasks))
+        log.info("generate: resuming, %d/%d images already done", len(mine) - todo_total, len(mine))
     generator = CandidateGenerator(backbone, fmt, settings, prompts)
     prepare_image = image_preparer(backbone.processor, settings.image_aspect_ratio)
     shards = ShardWriter(out_dir / "candidates", shard_size=settings.shard_size)
@@ -407,10 +421,12 @@ def generate_candidates(backbone: Any, fmt: Any, tasks: Sequence[ImageTask], set
     started = time.perf_counter()
     processed = 0
     this_run = Counter()
-    bar = tqdm(total=len(tasks), initial=len(tasks) - todo_total, desc="generate", unit="img",
+    bar = tqdm(total=len(mine), initial=len(mine) - todo_total, desc="generate", unit="img",
                disable=not settings.progress, dynamic_ncols=True)
     try:
         for batch_index, start in enumerate(range(0, len(tasks), settings.image_batch_size)):
+            if not owns_batch(batch_index, shard):
+                continue
             batch = [t for t in tasks[start:start + settings.image_batch_size] if t.image_id not in done]
             if not batch:
                 continue
@@ -450,6 +466,17 @@ def generate_candidates(backbone: Any, fmt: Any, tasks: Sequence[ImageTask], set
         shards.close()
         progress.close()
     elapsed = time.perf_counter() - started
+    this_run_json = {"images": this_run["images"], "images_skipped": this_run["images_skipped"],
+                     "candidates": this_run["candidates"], "answers": this_run["answers"],
+                     "seconds": round(elapsed, 3),
+                     "images_per_s": round(this_run["images"] / elapsed, 4) if this_run["images"] and elapsed > 0 else None,
+                     "discarded_partial_candidates": discarded, **dict(generator.counts)}
+    return progress_summary(mine, done, this_run_json, out_dir / "candidates")
+
+
+def progress_summary(tasks: Sequence[ImageTask], done: Mapping[str, dict[str, Any]], this_run: dict[str, Any] | None,
+                     candidates_dir: Path) -> dict[str, Any]:
+    """The summary of a generation run (or shard, or merge) over ``tasks`` from their progress rows."""
     rows = [done[t.image_id] for t in tasks if t.image_id in done]
     summary = {
         "images": len(tasks),
@@ -459,12 +486,44 @@ def generate_candidates(backbone: Any, fmt: Any, tasks: Sequence[ImageTask], set
         "candidates": sum(int(r.get("candidates", 0)) for r in rows),
         "answers": sum(int(r.get("answers", 0)) for r in rows),
         "complete": len(rows) == len(tasks),
-        "this_run": {"images": this_run["images"], "images_skipped": this_run["images_skipped"],
-                     "candidates": this_run["candidates"], "answers": this_run["answers"],
-                     "seconds": round(elapsed, 3),
-                     "images_per_s": round(this_run["images"] / elapsed, 4) if this_run["images"] and elapsed > 0 else None,
-                     "discarded_partial_candidates": discarded, **dict(generator.counts)},
+        "this_run": this_run,
         "skipped_examples": [r["skipped"] for r in rows if r.get("skipped")][:10],
-        "candidates_dir": str(out_dir / "candidates"),
+        "candidates_dir": str(candidates_dir),
     }
     return summary
+
+
+def merge_shards(run_dir: Path, tasks: Sequence[ImageTask], shard_dirs: Sequence[Path], *,
+                 shard_size: int) -> dict[str, Any]:
+    """Merge finished shards into ``run_dir``'s single-process layout: ``candidates/candidates-NNNNN.jsonl`` (the
+    shards' lines, unchanged, in task order, ``shard_size`` per file: what one process writes) and
+    ``progress.jsonl`` (task order). ``tasks`` is the full list (after ``max_images``). Returns the summary."""
+    done: dict[str, dict[str, Any]] = {}
+    lines: dict[str, list[str]] = {}
+    for directory in shard_dirs:
+        progress = read_progress(directory)
+        done.update(progress)
+        for shard in sorted((directory / "candidates").glob(f"{SHARD_PREFIX}-*.jsonl")):
+            for line in shard.read_text(encoding="utf-8").splitlines():
+                if line.strip():
+                    image = str(json.loads(line)["image_sha256"])
+                    if image in progress:
+                        lines.setdefault(image, []).append(line)
+    missing = [t.image_id for t in tasks if t.image_id not in done]
+    if missing:
+        raise RuntimeError(f"generate: cannot merge, {len(missing)} images are in no shard's progress "
+                           f"(first: {missing[0]})")
+    ordered = [line for t in tasks for line in lines.get(t.image_id, [])]
+    target = run_dir / "candidates"
+    staging = run_dir / ".candidates.merging"
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    for number, start in enumerate(range(0, len(ordered), shard_size)):
+        text = "".join(f"{line}\n" for line in ordered[start:start + shard_size])
+        (staging / f"{SHARD_PREFIX}-{number:05d}.jsonl").write_text(text, encoding="utf-8")
+    if target.exists():
+        shutil.rmtree(target)
+    staging.rename(target)
+    write_jsonl(run_dir / PROGRESS_FILE, [done[t.image_id] for t in tasks])
+    return progress_summary(tasks, done, None, target)
