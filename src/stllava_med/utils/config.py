@@ -45,6 +45,7 @@ DEFAULT_IGNORE = (
     "print_summary",
     "objective",             # what a sweeper optimises (the entry point's return value), not the run
     "objective_direction",
+    "run_dir_mismatch",      # what to do with a run directory made by another config (utils/run_identity.py)
 )
 
 # Environment variables whose *values* must never reach a saved config or a log line.
@@ -218,9 +219,12 @@ def stage_main(config_name: str) -> Any:
                         chosen = argv[i + 1]
                     elif arg.startswith("--config-name="):
                         chosen = arg.split("=", 1)[1]
-                try:
+                from stllava_med.utils.secrets import SecretInConfig, check_argv
+
+                try:  # before Hydra writes anything (its job directory, .hydra/overrides.yaml)
+                    check_argv(argv)
                     precheck_overrides(chosen, argv)
-                except UnknownConfigKey as err:
+                except (UnknownConfigKey, SecretInConfig) as err:
                     print(f"Error: {err}", file=sys.stderr)
                     sys.exit(2)
                 if any(a in ("-m", "--multirun") for a in argv) and "--cfg" not in argv and "-c" not in argv:
@@ -259,19 +263,27 @@ def _drop_key(container: dict, dotted: str) -> None:
         node.pop(parts[-1], None)
 
 
+def fingerprinted_config(container: Mapping[str, Any], ignore: tuple[str, ...] | list[str] = ()) -> dict[str, Any]:
+    """A resolved config (a plain dict) minus the Hydra section, :data:`DEFAULT_IGNORE`, ``ignore`` and its own
+    ``run_dir_ignore`` keys: what :func:`config_fingerprint` hashes (and utils.run_identity compares)."""
+    import copy
+
+    container = copy.deepcopy(dict(container))
+    extra = list(container.get("run_dir_ignore") or [])
+    container.pop("hydra", None)
+    for key in (*DEFAULT_IGNORE, *ignore, *extra):
+        _drop_key(container, key)
+    return container
+
+
 def config_fingerprint(cfg: DictConfig | dict, ignore: tuple[str, ...] | list[str] = ()) -> str:
     """A short hash of the resolved config minus the ignored keys (dotted paths)."""
     if isinstance(cfg, DictConfig):
         container = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
-        extra = list(cfg.get("run_dir_ignore") or [])
     else:
         container = dict(cfg)
-        extra = list(container.get("run_dir_ignore") or [])
     assert isinstance(container, dict)
-    container.pop("hydra", None)
-    for key in (*DEFAULT_IGNORE, *ignore, *extra):
-        _drop_key(container, key)
-    return stable_hash(container, n=10)
+    return stable_hash(fingerprinted_config(container, ignore), n=10)
 
 
 def _slug(text: str) -> str:
