@@ -32,7 +32,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from stllava_med.evaluate import run_evaluate
 from stllava_med.generate import run_generate
 from stllava_med.judge import run_judge
-from stllava_med.schema import PIPELINE_STAGES
+from stllava_med.schema import PIPELINE_STAGES, BackboneSettings
 from stllava_med.train_dpo import run_train_dpo
 from stllava_med.train_sft import run_train_sft
 from stllava_med.utils import config as _config  # noqa: F401  (registers resolvers)
@@ -157,7 +157,8 @@ def stage_config(cfg: DictConfig, stage: str, *, backbone: dict[str, Any] | None
         OmegaConf.update(stage_cfg, key, value, merge=True, force_add=True)
     with open_dict(stage_cfg):
         if backbone is not None:
-            stage_cfg.backbone = OmegaConf.create(_stage_backbone(stage, overrides, stage_cfg, backbone))
+            stage_cfg.backbone = OmegaConf.merge(OmegaConf.structured(BackboneSettings),
+                                                 _stage_backbone(stage, overrides, stage_cfg, backbone))
         for key in ("seed", "num_threads"):
             if cfg.get(key) is not None:
                 stage_cfg[key] = cfg[key]
@@ -287,7 +288,7 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
     # compose every enabled stage's config first: a mistyped key fails now, not after hours of SFT
     for stage in STAGES:
         if enabled[stage]:
-            stage_config(cfg, stage)
+            _refuse_shards(stage, stage_config(cfg, stage))
     quiet_known_noise()
     root = pipeline_root(cfg)
     root.mkdir(parents=True, exist_ok=True)
@@ -373,6 +374,16 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
                                               "val_reward_accuracy": reward_accuracy(s, "val")}
                                           for g, s in dpo_summaries.items()}})
     return summary
+
+
+def _refuse_shards(stage: str, stage_cfg: DictConfig) -> None:
+    """The pipeline runs generation and evaluation in one process: ``num_shards`` stays 1 there (shard those
+    stages as commands of their own, docs/clusters.md)."""
+    section = {"generate": "generate", "evaluate": "eval"}.get(stage)
+    if section and (stage_cfg[section].get("num_shards") != 1 or stage_cfg[section].get("merge_only")):
+        raise ValueError(f"stages.{stage}.{section}.num_shards / merge_only: the pipeline runs {stage} in one "
+                         f"process; leave them at 1 / false (run a sharded {stage} with python -m "
+                         f"stllava_med.{stage} and {section}.num_shards=<n>, docs/clusters.md)")
 
 
 def _slug(text: str) -> str:

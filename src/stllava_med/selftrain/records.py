@@ -176,6 +176,11 @@ def candidate_files(path: str | os.PathLike) -> list[Path]:
         return [p]
     if p.is_dir() and (p / "candidates").is_dir():  # a generation run directory
         p = p / "candidates"
+    elif p.is_dir() and (p / "shards" / "sharding.json").is_file():  # sharded, not merged (utils/sharding.py)
+        raise FileNotFoundError(
+            f"candidates: {p} is a sharded generation run whose shards are not merged yet (the last shard to finish "
+            "merges them into candidates/); finish the missing shards, or merge the finished ones with the same "
+            "generate command and generate.merge_only=true")
     if p.is_dir():
         files = sorted(f for f in p.rglob("*.jsonl") if f.name != "progress.jsonl")
     else:

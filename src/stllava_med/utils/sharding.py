@@ -107,16 +107,17 @@ def check_layout(run_dir: Path, num_shards: int, fingerprint: str, *, where: str
 
     ``single_output``: whether ``run_dir`` already holds a single process's output (its progress or predictions).
     """
-    if num_shards == 1 and recorded_layout(run_dir) is None:
-        return  # the single-process layout: nothing to record (no shards/ folder)
+    if recorded_layout(run_dir) is None:
+        if num_shards == 1:
+            return  # the single-process layout: nothing to record (no shards/ folder)
+        if single_output:
+            raise ShardingError(
+                f"{where}: {run_dir} holds the output of a single-process run ({where}.num_shards=1); a sharded "
+                f"run ({where}.num_shards={num_shards}) cannot continue it. Rerun with num_shards=1, or give "
+                "the sharded run another out_dir")
     with merge_lock(run_dir):
         layout = recorded_layout(run_dir)
         if layout is None:
-            if single_output:
-                raise ShardingError(
-                    f"{where}: {run_dir} holds the output of a single-process run ({where}.num_shards=1); a sharded "
-                    f"run ({where}.num_shards={num_shards}) cannot continue it. Rerun with num_shards=1, or give "
-                    "the sharded run another out_dir")
             atomic_write_json(shards_root(run_dir) / LAYOUT_FILE, {"num_shards": num_shards, "config": fingerprint})
             return
         if int(layout["num_shards"]) != num_shards:
