@@ -26,6 +26,7 @@ from transformers import AutoConfig, AutoModelForImageTextToText, BitsAndBytesCo
 from stllava_med.families import bind, family_of
 from stllava_med.families.processor_loading import load_processor_components
 from stllava_med.models import sq_llava as _sq_llava  # noqa: F401  (registers model_type sq_llava with the Auto classes)
+from stllava_med.schema import BackboneSettings
 from stllava_med.tiny import ensure_tiny_backbone, tiny_spec_from_config
 from stllava_med.utils.config import check_keys
 
@@ -284,9 +285,9 @@ def has_bnb_layers(model: nn.Module) -> bool:
 # --------------------------------------------------------------------------------------------------------------
 
 
-# Every key a ``backbone`` config may have (conf/backbone/*.yaml); anything else is refused at load time.
-BACKBONE_KEYS = ("name", "name_or_path", "dtype", "attn_implementation", "quantization", "bnb_compute_dtype",
-                 "device_map", "trust_remote_code", "adapter_path", "chat", "lora", "tiny")
+# Every key a ``backbone`` config may have (conf/backbone/*.yaml; stllava_med.schema.BackboneSettings); anything
+# else is refused at load time.
+BACKBONE_KEYS = tuple(BackboneSettings.__dataclass_fields__)
 
 
 def load_backbone(cfg: Mapping[str, Any], *, with_lora: bool | None = None, padding_side: str | None = None,
@@ -295,36 +296,34 @@ def load_backbone(cfg: Mapping[str, Any], *, with_lora: bool | None = None, padd
 
     ``with_lora`` overrides ``cfg.lora.enabled``; ``adapter_path`` (optional) loads a trained LoRA adapter on
     top of the base weights for evaluation or generation."""
-    cfg = dict(cfg)
-    check_keys(cfg, BACKBONE_KEYS, "backbone")
-    name_or_path = str(cfg["name_or_path"])
-    tiny = cfg.get("tiny")
+    settings = BackboneSettings.from_config(cfg)
+    name_or_path = settings.name_or_path
+    tiny = settings.tiny
     # The tiny backbone is built only at its own cache path: a mistyped name_or_path must fail to load,
     # not silently become a freshly initialised tiny model.
     if tiny and Path(str(tiny.get("path", ""))).resolve() == Path(name_or_path).resolve():
         ensure_tiny_backbone(name_or_path, tiny_spec_from_config(dict(tiny)))
-    trust = bool(cfg.get("trust_remote_code", False))
-    processor = load_processor(name_or_path, trust_remote_code=trust, padding_side=padding_side)
+    processor = load_processor(name_or_path, trust_remote_code=settings.trust_remote_code, padding_side=padding_side)
     model = load_model(
         name_or_path,
-        dtype=cfg.get("dtype", "float32"),
-        attn_implementation=cfg.get("attn_implementation"),
-        quantization=cfg.get("quantization"),
-        bnb_compute_dtype=cfg.get("bnb_compute_dtype", "bfloat16"),
-        device_map=cfg.get("device_map"),
-        trust_remote_code=trust,
+        dtype=settings.dtype,
+        attn_implementation=settings.attn_implementation,
+        quantization=settings.quantization,
+        bnb_compute_dtype=settings.bnb_compute_dtype,
+        device_map=settings.device_map,
+        trust_remote_code=settings.trust_remote_code,
     )
-    adapter_path = cfg.get("adapter_path")
+    adapter_path = settings.adapter_path
     if adapter_path:
         from peft import PeftModel  # see apply_lora
 
         model = PeftModel.from_pretrained(model, str(adapter_path))
-    lora = LoraSettings.from_config(cfg.get("lora"))
+    lora = LoraSettings.from_config(settings.lora)
     if with_lora if with_lora is not None else lora.enabled:
         if adapter_path:
             raise ValueError("backbone.adapter_path and a new LoRA adapter cannot be combined; merge first")
         model = apply_lora(model, lora, gradient_checkpointing=gradient_checkpointing)
-    return Backbone(model=model, processor=processor, name=str(cfg.get("name", "backbone")), name_or_path=name_or_path)
+    return Backbone(model=model, processor=processor, name=settings.name, name_or_path=name_or_path)
 
 
 def pick_device(name: str | None) -> torch.device:

@@ -32,7 +32,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from stllava_med.evaluate import run_evaluate
 from stllava_med.generate import run_generate
 from stllava_med.judge import run_judge
-from stllava_med.schema import PIPELINE_STAGES
+from stllava_med.schema import PIPELINE_STAGES, BackboneSettings
 from stllava_med.train_dpo import run_train_dpo
 from stllava_med.train_sft import run_train_sft
 from stllava_med.utils import config as _config  # noqa: F401  (registers resolvers)
@@ -157,7 +157,8 @@ def stage_config(cfg: DictConfig, stage: str, *, backbone: dict[str, Any] | None
         OmegaConf.update(stage_cfg, key, value, merge=True, force_add=True)
     with open_dict(stage_cfg):
         if backbone is not None:
-            stage_cfg.backbone = OmegaConf.create(_stage_backbone(stage, overrides, stage_cfg, backbone))
+            stage_cfg.backbone = OmegaConf.merge(OmegaConf.structured(BackboneSettings),
+                                                 _stage_backbone(stage, overrides, stage_cfg, backbone))
         for key in ("seed", "num_threads"):
             if cfg.get(key) is not None:
                 stage_cfg[key] = cfg[key]

@@ -37,6 +37,40 @@ def _check(cls: type, values: Mapping[str, Any], where: str, extra: tuple[str, .
     return {k: v for k, v in values.items() if k in cls.__dataclass_fields__}
 
 # --------------------------------------------------------------------------------------------------------------
+# The backbone (conf/backbone/<name>.yaml: each option sets its values; the defaults are here)
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class BackboneSettings:
+    """``backbone.*``: which weights and how they load. ``chat`` is read by :class:`stllava_med.chat.ChatFormat`,
+    ``lora`` by :class:`stllava_med.backbone.LoraSettings` (each refuses keys it lacks), ``tiny`` by
+    :mod:`stllava_med.tiny` (the embedded toy backbone's shape)."""
+
+    name: str = "backbone"
+    name_or_path: str = "???"             # an HF directory or hub id (loaded offline)
+    dtype: str = "float32"                # float32 | bfloat16 | float16 | auto
+    attn_implementation: str | None = None  # sdpa | eager | flash_attention_2; null: transformers' choice
+    quantization: str | None = None       # null | 4bit | 8bit (bitsandbytes; QLoRA)
+    bnb_compute_dtype: str = "bfloat16"
+    device_map: Any = None
+    trust_remote_code: bool = False
+    adapter_path: str | None = None       # a trained LoRA adapter loaded on top (evaluation / generation)
+    chat: dict[str, Any] = field(default_factory=dict)
+    lora: dict[str, Any] = field(default_factory=dict)
+    tiny: Any = None
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any] | None) -> BackboneSettings:
+        values = _check(cls, cfg or {}, "backbone")
+        if not values.get("name_or_path") or values["name_or_path"] == "???":
+            raise ValueError("backbone.name_or_path is required (an HF directory, e.g. a stage's merged/ export)")
+        for key in ("chat", "lora"):
+            values[key] = dict(values.get(key) or {})
+        return cls(**values)
+
+
+# --------------------------------------------------------------------------------------------------------------
 # Sections shared by the training stages
 # --------------------------------------------------------------------------------------------------------------
 
@@ -266,6 +300,11 @@ class DPOSettings:
     # TRL's DPOConfig.disable_dropout (its default too): every dropout of the policy at p=0 while it trains, so the
     # policy / reference log-ratio is not sampling noise. false: the backbone's own dropout (LoRA's lora.dropout).
     disable_dropout: bool = True
+    # The frozen vision tower's output cached on disk per (image content, tower weights, image processing), filled
+    # once before training and shared by the jobs of a sweep and later epochs; cached batches skip image decoding
+    # and processing (stllava_med.dpo.vision_cache). LLaVA families with a frozen tower only. null: off.
+    vision_cache_dir: str | None = None   # (the stage schema sets the shared cache)
+    vision_cache_dtype: str = "auto"      # auto (the tower's dtype: exact) | float16 | bfloat16 | float32
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any] | None) -> DPOSettings:
@@ -278,6 +317,9 @@ class DPOSettings:
             raise ValueError(f"dpo.nll_weight must be >= 0, got {settings.nll_weight}")
         if settings.reference not in ("adapter_off", "copy", "precomputed"):
             raise ValueError(f"dpo.reference must be adapter_off, copy or precomputed, not {settings.reference!r}")
+        if settings.vision_cache_dtype not in ("auto", "float16", "bfloat16", "float32"):
+            raise ValueError("dpo.vision_cache_dtype must be auto, float16, bfloat16 or float32, not "
+                             f"{settings.vision_cache_dtype!r}")
         return settings
 
 
@@ -445,8 +487,11 @@ class _Stage:
     num_threads: int | None = None        # torch intra-op threads (CPU)
     print_summary: bool = True            # the key | value table at the end
     paths: Any = None
-    backbone: Any = None
+    backbone: BackboneSettings = field(default_factory=BackboneSettings)
     run_dir_ignore: list[str] = field(default_factory=list)  # keys left out of the run directory's hash
+    # A run directory whose run_identity.json (or config.yaml) records another config (keys outside
+    # run_dir_ignore differ): error (names each differing key, old -> new) | new (run in <out_dir>/run-<hash>)
+    run_dir_mismatch: str = "error"
 
 
 @dataclass
@@ -488,14 +533,16 @@ class DPOStage(_Objective, _Stage):
         scan_cache_dir="${paths.data_dir}/cache/preference_scan",
         convert_cache_dir="${paths.data_dir}/cache/preference_converted"))
     dpo: DPOSettings = field(default_factory=lambda: DPOSettings(
-        reference_cache_dir="${paths.data_dir}/cache/reference_logps"))
+        reference_cache_dir="${paths.data_dir}/cache/reference_logps",
+        vision_cache_dir="${paths.data_dir}/cache/vision_features"))
     prompts: StagePrompts = field(default_factory=StagePrompts)
     optim: OptimSettings = field(default_factory=lambda: OptimSettings(lr=5e-6, projector_lr=2e-5))
     checkpoint: CheckpointSettings = field(default_factory=lambda: CheckpointSettings(every_n_steps=50))
     export: ExportSettings = field(default_factory=ExportSettings)
     run_dir_ignore: list[str] = field(default_factory=lambda: [
         "checkpoint", "export", "data.scan_cache_dir", "data.convert_cache_dir", "data.progress",
-        "dpo.reference_cache_dir", "dpo.precompute_batch_size", "slurm_auto_requeue", "num_threads"])
+        "dpo.reference_cache_dir", "dpo.precompute_batch_size", "dpo.vision_cache_dir", "slurm_auto_requeue",
+        "num_threads"])
 
 
 @dataclass
@@ -543,6 +590,7 @@ class EvaluateStage(_Objective, _Stage):
 
 @dataclass
 class _InPipeline:
+    backbone: Any = None                  # the pipeline passes its own (stage 1's export, round r's policy)
     enabled: bool = True
     # Hydra overrides for the stage's own config (conf/<stage>.yaml) when the pipeline composes it: group choices
     # and stage experiments, e.g. [experiment=stllava_med_paper, trainer=gpu, data=vqa_rad_train]

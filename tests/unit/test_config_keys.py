@@ -158,3 +158,17 @@ def test_defaults_live_in_the_schema_only():
                 got.pop("sets", None)
                 want.pop("sets", None)
             assert got == want, (stage, section)
+
+
+def test_the_backbone_is_typed_when_hydra_composes_and_its_loader_reads_the_schema():
+    from hydra.errors import ConfigCompositionException
+
+    from stllava_med.schema import BackboneSettings
+
+    with pytest.raises(ConfigCompositionException):
+        compose("dpo", ["backbone.trust_remote_code=maybe"])
+    with pytest.raises(UnknownConfigKey, match=r"backbone\.dtyp \(did you mean backbone\.dtype\?\)"):
+        precheck_overrides("dpo", ["+backbone.dtyp=bf16"])
+    with pytest.raises(ValueError, match="backbone.name_or_path is required"):
+        BackboneSettings.from_config({"name": "x"})
+    assert BackboneSettings.from_config({"name_or_path": "/m"}).dtype == BackboneSettings.dtype  # one default
