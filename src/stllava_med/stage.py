@@ -87,9 +87,9 @@ def export_weights(model: nn.Module, processor: Any, out_dir: Path, settings: Ex
 def fit_and_export(cfg: DictConfig, stage: str, module: LightningModule, datamodule: LightningDataModule, *,
                    model: nn.Module, processor: Any, out_dir: Path, callbacks: Iterable[Any] = (),
                    validate: bool = True, trainer_overrides: Mapping[str, Any] | None = None) -> FitResult:
-    """Build the trainer from ``cfg.trainer`` / ``cfg.logger`` / ``cfg.checkpoint``, resume from
-    ``<out_dir>/checkpoints/last.ckpt`` when a previous run of this config left one, fit, validate the final
-    weights (``validate``), close the loggers and export (rank 0) per ``cfg.export``."""
+    """Build the trainer from ``cfg.trainer`` / ``cfg.logger`` / ``cfg.checkpoint``, resume from the newest
+    complete checkpoint a previous run of this config left (:func:`~stllava_med.training.resume_checkpoint`),
+    fit, validate the final weights (``validate``), close the loggers and export (rank 0) per ``cfg.export``."""
     all_callbacks = list(callbacks)
     if has_bnb_layers(model):
         all_callbacks.insert(0, BnbCpuGuard())
@@ -99,7 +99,9 @@ def fit_and_export(cfg: DictConfig, stage: str, module: LightningModule, datamod
     trainer = build_trainer(trainer_cfg, out_dir, logger_cfg=logger_cfg, callbacks=all_callbacks,
                             checkpoint_every_n_steps=checkpoint.every_n_steps,
                             slurm_auto_requeue=bool(cfg.get("slurm_auto_requeue", False)), run_cfg=cfg)
-    ckpt = resume_checkpoint(out_dir)
+    # the trainable names are fixed now, before anything (the DPO adapter-off pre-pass) toggles requires_grad
+    trainable = module.trainable_names() if callable(getattr(module, "trainable_names", None)) else None
+    ckpt = resume_checkpoint(out_dir, trainable)
     if ckpt:
         log.info("%s: resuming from %s", stage, ckpt)
     if ckpt and (out_dir / "metrics.json").is_file():
@@ -116,7 +118,11 @@ def fit_and_export(cfg: DictConfig, stage: str, module: LightningModule, datamod
     seconds = round(time.perf_counter() - started, 2)
     train = split_metrics(dict(trainer.callback_metrics), "train/")
     if validate:  # the final weights, after the last step (fit validates on its own schedule)
-        results = trainer.validate(module, datamodule=datamodule, verbose=False)
+        # an explicit path: given none under SLURM, Lightning loads the newest hpc_ckpt_*.ckpt by itself (older
+        # weights, or an incomplete file); last.ckpt holds the weights in memory (written when training ended)
+        final = out_dir / "checkpoints" / "last.ckpt"
+        results = trainer.validate(module, datamodule=datamodule, verbose=False,
+                                   ckpt_path=str(final) if final.is_file() else None)
         val = split_metrics(results[0] if results else {}, "val/")
     else:
         val = split_metrics(dict(trainer.callback_metrics), "val/")

@@ -6,6 +6,7 @@ Kept free of stage logic: LightningModules call :func:`param_groups` / :func:`co
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -15,6 +16,7 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+from weakref import proxy
 
 import torch
 from hydra.utils import instantiate
@@ -113,13 +115,29 @@ class TrainableOnlyCheckpoints:
 
     strict_loading = False
 
+    def trainable_names(self) -> frozenset[str]:
+        """The names of the trainable parameters, fixed the first time they are asked for (by
+        :func:`~stllava_med.stage.fit_and_export` before fitting and by :class:`LastCheckpoint` at fit start).
+        ``requires_grad`` at save time cannot be trusted: peft's ``disable_adapter`` (the DPO adapter-off
+        reference, its pre-pass included) turns it off on every adapter tensor for the length of a pass, and a
+        checkpoint saved then held no tensor at all."""
+        names = getattr(self, "_trainable_names", None)
+        if names is None:
+            names = frozenset(n for n, p in self.named_parameters() if p.requires_grad)  # type: ignore[attr-defined]
+            self._trainable_names = names
+        return names
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        trainable = {n for n, p in self.named_parameters() if p.requires_grad}  # type: ignore[attr-defined]
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        trainable = self.trainable_names()
+        state = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        missing = trainable - set(state)
+        if missing:  # never write a checkpoint that cannot be resumed
+            raise RuntimeError(f"refusing to save a checkpoint without {len(missing)} of the {len(trainable)} "
+                               f"trainable tensors, e.g. {sorted(missing)[:3]}")
+        checkpoint["state_dict"] = state
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        trainable = {n for n, p in self.named_parameters() if p.requires_grad}  # type: ignore[attr-defined]
-        missing = trainable - set(checkpoint["state_dict"])
+        missing = self.trainable_names() - set(checkpoint["state_dict"])
         if missing:
             raise RuntimeError(f"checkpoint lacks {len(missing)} trainable tensors, e.g. {sorted(missing)[:3]}")
 
@@ -157,8 +175,35 @@ def save_checkpoint_atomically(trainer: Trainer, path: Path) -> Path:
     tmp = path.with_name(f".{path.name}.tmp")
     trainer.save_checkpoint(tmp, weights_only=False)
     if trainer.is_global_zero:  # only rank 0 writes (Lightning's checkpoint IO); save_checkpoint ends in a barrier
+        with open(tmp, "rb") as fh:  # on disk before it replaces anything (a node that dies loses no checkpoint)
+            os.fsync(fh.fileno())
+        # the checkpoint it replaces stays as <name>.prev.ckpt (resume_checkpoint's fallback), unless it is this
+        # process's own save of the same step (LastCheckpoint and StepCheckpoint both write last.ckpt at some steps)
+        if path.is_file() and _WRITTEN.get(str(path)) != trainer.global_step:
+            _keep_previous(path)
         os.replace(tmp, path)
+        _WRITTEN[str(path)] = trainer.global_step
     return path
+
+
+_WRITTEN: dict[str, int] = {}  # checkpoint path -> the global step this process last wrote there
+
+
+def previous_path(path: Path) -> Path:
+    """``last.ckpt`` -> ``last.prev.ckpt``."""
+    return path.with_name(f"{path.stem}.prev{path.suffix}")
+
+
+def _keep_previous(path: Path) -> None:
+    prev, link = previous_path(path), path.with_name(f".{path.name}.prev.tmp")
+    link.unlink(missing_ok=True)
+    try:
+        os.link(path, link)  # a second name for the same file: ``path`` exists at every moment
+    except OSError:  # a file system without hard links: copy it
+        import shutil
+
+        shutil.copyfile(path, link)
+    os.replace(link, prev)
 
 
 class CountResumedEpoch(Callback):
@@ -189,6 +234,15 @@ class StepCheckpoint(ModelCheckpoint):
         super().on_train_start(trainer, pl_module)
         self._last_global_step_saved = trainer.global_step  # that step is on disk (or step 0: nothing to save)
 
+    def _save_checkpoint(self, trainer: Trainer, filepath: str) -> None:
+        # Lightning's ModelCheckpoint writes in place: a job killed mid-write would leave a torn last.ckpt
+        save_checkpoint_atomically(trainer, Path(filepath))
+        self._last_global_step_saved = trainer.global_step
+        self._last_checkpoint_saved = filepath
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.after_save_checkpoint(proxy(self))
+
 
 class LastCheckpoint(Callback):
     """Writes ``last.ckpt`` after the last batch of each epoch and when training ends."""
@@ -196,6 +250,12 @@ class LastCheckpoint(Callback):
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self._saved_step = -1
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # before the module's own on_fit_start (the DPO reference pre-pass switches adapters off)
+        record = getattr(pl_module, "trainable_names", None)
+        if callable(record):
+            record()
 
     def _save(self, trainer: Trainer) -> None:
         if trainer.global_step != self._saved_step and not trainer.sanity_checking:
@@ -220,15 +280,23 @@ class StopOnSignal(Callback):
 
     The stop happens at ``on_train_batch_end`` of a batch that stepped the optimizer (the same point as every
     other ``last.ckpt``, which Lightning restores exactly); under DDP the ranks agree on it first, so they stop at
-    the same step. Who owns a signal is respected: SIGUSR1 is left alone when another handler has it (submitit's
-    requeue) or when Lightning's SLURM auto-requeue will take it (``slurm_auto_requeue=true`` under SLURM).
-    SIGTERM is always ours, composed with Lightning's notifier and with a handler that was there before.
+    the same step. SIGTERM is always ours, composed with Lightning's notifier and with a handler that was there
+    before; SIGUSR1 is left alone when another handler has it.
+
+    **Requeue signals** (docs/clusters.md, "Preemption and requeue") are taken too, so that the checkpoint comes
+    first and the requeue second: Lightning's SLURM requeue signal (``slurm_auto_requeue=true`` under SLURM; its
+    own handler would save ``hpc_ckpt_*.ckpt`` from inside the signal handler, mid-step) — we save ``last.ckpt``
+    at the step and run ``scontrol requeue <job>`` (rank 0); and submitit's (SIGUSR2 unless
+    ``SUBMITIT_PREEMPT_SIGNAL``), whose handler requeues and exits at once — it is called after our checkpoint.
+    During the DPO reference pre-pass (before any step) the stop comes at the next batch of the pre-pass
+    (:func:`stop_if_requested`), writes no checkpoint (the cache keeps what it computed) and requeues the same way.
     A signal outside training (export, the final validation) ends the process as the handler before ours would
     have: by default, killed by the signal (status 143 / 138 too). A stop Lightning raises itself
     (``SIGTERMException`` — in the middle of a gradient accumulation or of a validation pass) gets the same
     checkpoint, log line and exit status."""
 
     SIGNALS = ("SIGTERM", "SIGUSR1")
+    current: StopOnSignal | None = None  # the instance of the fit in progress (for stop_if_requested)
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
@@ -238,6 +306,10 @@ class StopOnSignal(Callback):
         self._active = False
         self._pid = os.getpid()
         self._step_at_batch_start = -1
+        self._requeue: dict[int, str] = {}  # signum -> "scontrol" (ours, for Lightning's SLURM env) | "submitit"
+        self._received_signum: int | None = None
+        self._trainer: Trainer | None = None
+        self._before_training = False  # from fit start to the first training batch
 
     # -- handlers -------------------------------------------------------------------------------------------------
 
@@ -248,32 +320,55 @@ class StopOnSignal(Callback):
             return int(environment.requeue_signal or signal.SIGUSR1)
         return None
 
+    @staticmethod
+    def _is_submitit_requeue(handler: Any) -> bool:
+        """submitit's ``SignalHandler.checkpoint_and_try_requeue`` (what a submitit job has on its preemption
+        signal): it dumps the job's resubmission, requeues and exits at once."""
+        owner = getattr(handler, "__self__", None)
+        return (getattr(handler, "__name__", "") == "checkpoint_and_try_requeue"
+                and type(owner).__module__.startswith("submitit."))
+
     def _install(self, trainer: Trainer) -> None:
         if threading.current_thread() is not threading.main_thread():
             return  # signal handlers can only be set from the main thread (Lightning skips them too)
         requeue = self._requeue_signal(trainer)
         self._pid = os.getpid()
+        self._requeue = {}
         owned: list[str] = []
-        for name in self.SIGNALS:
-            signum = int(getattr(signal, name))
+        signums = [int(getattr(signal, name)) for name in (*self.SIGNALS, "SIGUSR2")]
+        if requeue is not None and requeue not in signums:
+            signums.append(requeue)
+        for signum in signums:
+            name = signal.Signals(signum).name
             current = signal.getsignal(signum)
-            if name != "SIGTERM":
-                if signum == requeue:
-                    log.debug("%s is Lightning's SLURM requeue signal: left to Lightning", name)
-                    continue
-                if current not in (signal.SIG_DFL, None):
+            previous = self._previous.get(signum, current) if current == self._handle else current
+            if signum != signal.SIGTERM:
+                if self._is_submitit_requeue(previous):
+                    self._requeue[signum] = "submitit"
+                elif signum == requeue:
+                    self._requeue[signum] = "scontrol"  # instead of Lightning's handler (it saves mid-step)
+                elif current not in (signal.SIG_DFL, None) and current != self._handle:
                     log.debug("%s already has a handler (%r): left to it", name, current)
+                    continue
+                elif name not in self.SIGNALS:
                     continue
             if current != self._handle:  # a second fit with this callback: keep the handler from before ours
                 self._previous[signum] = current
             signal.signal(signum, self._handle)
-            owned.append(f"{name} → exit {signal_exit_code(signum)}")
+            then = {"submitit": ", then submitit's requeue", "scontrol": ", then scontrol requeue"}.get(
+                self._requeue.get(signum, ""), "")
+            owned.append(f"{name} → exit {signal_exit_code(signum)}{then}")
         self._active = True
+        self._trainer = trainer
+        StopOnSignal.current = self
         if owned:
-            log.info("on %s: a checkpoint at the next optimizer step (%s), then stop", ", ".join(owned), self.path)
+            log.info("on %s: a checkpoint at the next optimizer step (%s), then stop", "; ".join(owned), self.path)
 
     def _restore(self) -> None:
         self._active = False
+        self._trainer = None
+        if StopOnSignal.current is self:
+            StopOnSignal.current = None
         if threading.current_thread() is not threading.main_thread():
             return
         for signum, previous in self._previous.items():
@@ -299,37 +394,68 @@ class StopOnSignal(Callback):
             return
         if self.received is None:
             self.received = name
+            self._received_signum = signum
             log.warning("received %s: stopping after the current optimizer step, with a checkpoint in %s "
-                        "(exit %d)", name, self.path, signal_exit_code(signum))
+                        "(exit %d)%s", name, self.path, signal_exit_code(signum),
+                        ", then requeueing" if signum in self._requeue else "")
         else:
             log.warning("received %s: already stopping (on %s)", name, self.received)
-        if callable(previous):  # a handler that was there before (e.g. submitit's SIGTERM logger)
-            previous(signum, frame)
+            if signum in self._requeue and self._received_signum not in self._requeue:
+                self._received_signum = signum  # a requeue signal after a SIGTERM: still requeue
+        if callable(previous) and signum not in self._requeue:
+            previous(signum, frame)  # a handler that was there before (e.g. submitit's SIGTERM logger)
+        if self._before_training and signum in self._requeue and self._trainer is not None:
+            # the job ends soon (SLURM's --signal lead time): a pre-pass (DPO reference / vision cache) may not
+            # reach a training step before it does. Nothing is lost by stopping here: no step has run, the loop
+            # state is not restored yet (no checkpoint to write; those on disk stay) and the pre-pass caches keep
+            # every entry appended so far (an append is one write; the claims are released on the way out).
+            self._active = False
+            raise self._stop(self._trainer, save=False, where=" (before the first training step: a pre-pass, "
+                                                              "restoring or the sanity check)")
 
     # -- the stop -------------------------------------------------------------------------------------------------
 
     def _exit_code(self) -> int:
         return signal_exit_code(getattr(signal, self.received or "SIGTERM"))
 
-    def _message(self, trainer: Trainer, where: str = "") -> str:
+    def _message(self, trainer: Trainer, where: str = "", saved: bool = True) -> str:
         total = f" of {trainer.max_steps}" if trainer.max_steps and trainer.max_steps > 0 else ""
-        return (f"stopped by {self.received or 'SIGTERM'} at step {trainer.global_step}{total}{where}; checkpoint "
-                f"{self.path}; rerun the same command to resume")
+        at = "" if self._before_training else f" at step {trainer.global_step}{total}"
+        written = f"checkpoint {self.path}" if saved else "no checkpoint written (those on disk stay)"
+        return f"stopped by {self.received or 'SIGTERM'}{at}{where}; {written}; rerun the same command to resume"
 
     def _stop(self, trainer: Trainer, *, save: bool = True, where: str = "") -> StageStopped:
         if save:
             save_checkpoint_atomically(trainer, self.path)
         self.stopped_at = trainer.global_step
-        message = self._message(trainer, where)
+        message = self._message(trainer, where, saved=save)
         log.warning("%s (exit %d)", message, self._exit_code())
+        self._hand_over_requeue(trainer)
         return StageStopped(self._exit_code(), message)
+
+    def _hand_over_requeue(self, trainer: Trainer) -> None:
+        """After the checkpoint: requeue when the signal was a requeue signal."""
+        signum = self._received_signum
+        how = self._requeue.get(signum) if signum is not None else None
+        if how == "scontrol":
+            if trainer.is_global_zero:
+                slurm_requeue()
+        elif how == "submitit":
+            handler = self._previous.get(signum)
+            log.info("handing over to submitit's requeue handler")
+            handler(signum, None)  # rank 0: dumps the resubmission, requeues, exits (SystemExit); others return
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # before Lightning registers its own handlers (trainer._run): it composes its SIGTERM notifier with ours,
         # and registers its SLURM requeue handler only on a signal that has none
         self.received = None
         self.stopped_at = None
+        self._received_signum = None
+        self._before_training = True
         self._install(trainer)
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._before_training = False
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         self._step_at_batch_start = trainer.global_step
@@ -343,6 +469,10 @@ class StopOnSignal(Callback):
             requested = trainer.strategy.reduce_boolean_decision(requested, all=False)
             if requested and self.received is None:
                 self.received = "SIGTERM"  # another rank got it; the exit status follows the usual signal
+            if requested and self._requeue:  # rank 0 requeues if any rank got a requeue signal
+                wanted = trainer.strategy.reduce_boolean_decision(self._received_signum in self._requeue, all=False)
+                if wanted and self._received_signum not in self._requeue:
+                    self._received_signum = next(iter(self._requeue))
         if requested:
             self._active = False
             raise self._stop(trainer)
@@ -364,10 +494,111 @@ class StopOnSignal(Callback):
         self._restore()
 
 
-def resume_checkpoint(out_dir: Path) -> str | None:
-    """``<out_dir>/checkpoints/last.ckpt`` if a previous run of this config left one."""
+def stop_if_requested(where: str) -> None:
+    """For work a fit does before its first training step (the DPO reference pre-pass, between two of its
+    batches): when the fit in progress got a stop signal, stop now — no checkpoint (the loop state is not even
+    restored yet; what is on disk stays), the requeue if it was a requeue signal, and the stop's exit status
+    (:class:`StopOnSignal`). Nothing happens outside a fit or before a signal."""
+    callback = StopOnSignal.current
+    trainer = callback._trainer if callback is not None else None
+    if callback is None or trainer is None or callback.received is None or not callback._active:
+        return
+    callback._active = False
+    raise callback._stop(trainer, save=False, where=where)
+
+
+def slurm_requeue() -> int:
+    """``scontrol requeue <job>`` for this SLURM job (``<array job>_<task>`` in an array), as Lightning's SLURM
+    plugin does; its status (a failure is logged, not raised: the job still stops, resumable by hand)."""
+    import subprocess
+
+    array = os.environ.get("SLURM_ARRAY_JOB_ID")
+    job = f"{array}_{os.environ['SLURM_ARRAY_TASK_ID']}" if array else os.environ.get("SLURM_JOB_ID", "")
+    if not job:
+        log.error("no SLURM_JOB_ID: cannot requeue; resubmit the same command to resume")
+        return 1
+    try:
+        status = subprocess.call(["scontrol", "requeue", job])
+    except FileNotFoundError:
+        log.error("scontrol is not on PATH: SLURM job %s not requeued; resubmit the same command to resume", job)
+        return 127
+    if status == 0:
+        log.warning("requeued SLURM job %s: it resumes from its newest complete checkpoint", job)
+    else:
+        log.error("scontrol requeue %s failed (status %d): resubmit the same command to resume", job, status)
+    return status
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Which checkpoint a rerun resumes from
+# --------------------------------------------------------------------------------------------------------------
+
+_RESUMABLE_KEYS = ("state_dict", "optimizer_states", "lr_schedulers", "loops", "global_step", "epoch")
+
+
+def checkpoint_candidates(out_dir: Path) -> list[Path]:
+    """The checkpoints a run directory can hold: ``checkpoints/last.ckpt`` and the one it replaced
+    (``last.prev.ckpt``), the step checkpoints, and Lightning's ``hpc_ckpt_<n>.ckpt`` (its SLURM auto-requeue
+    checkpoints, in the run directory itself)."""
+    out_dir = Path(out_dir)
+    folder = out_dir / "checkpoints"
+    paths = [folder / "last.ckpt", folder / "last.prev.ckpt", *sorted(folder.glob("step*.ckpt")),
+             *sorted(out_dir.glob("hpc_ckpt_*.ckpt"))]
+    return [p for p in paths if p.is_file()]
+
+
+def checkpoint_problem(path: Path, trainable: Iterable[str] | None = None) -> tuple[str | None, int]:
+    """Why ``path`` cannot be resumed from (None: it can) and its global step (-1 when unreadable). Complete
+    means: a readable file (a truncated one is not), the training state (optimizer, schedulers, loops, step)
+    and, with ``trainable``, every trainable tensor."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as err:  # a torn zip, a truncated pickle, an empty file
+        return f"unreadable ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})", -1
+    if not isinstance(checkpoint, dict):
+        return "not a Lightning checkpoint", -1
+    step = int(checkpoint.get("global_step", -1)) if isinstance(checkpoint.get("global_step"), int) else -1
+    absent = [key for key in _RESUMABLE_KEYS if key not in checkpoint]
+    if absent:
+        return f"no {', '.join(absent)} (weights only?)", step
+    loops = checkpoint["loops"] or {}
+    if "fit_loop" not in loops or not checkpoint["optimizer_states"]:
+        return "no loop or optimizer state", step
+    if trainable is not None:
+        names = set(trainable)
+        missing = names - set(checkpoint["state_dict"] or {})
+        if missing:
+            return f"lacks {len(missing)} of the {len(names)} trainable tensors, e.g. {sorted(missing)[:2]}", step
+    return None, step
+
+
+def resume_checkpoint(out_dir: Path, trainable: Iterable[str] | None = None) -> str | None:
+    """The newest complete checkpoint a previous run of this config left (:func:`checkpoint_candidates`,
+    newest by global step, then by modification time), or None. Incomplete ones (:func:`checkpoint_problem`)
+    are skipped with a warning, so a torn or empty ``last.ckpt`` falls back to ``last.prev.ckpt`` or a step
+    checkpoint. Lightning resumes from an ``hpc_ckpt_*.ckpt`` by itself whenever it is given no path under SLURM:
+    when none is complete and this returns None, the incomplete ones are renamed ``hpc-ckpt-<n>.incomplete.ckpt``
+    so that it cannot."""
+    names = frozenset(trainable) if trainable is not None else None
+    complete: list[tuple[int, float, Path]] = []
+    for path in checkpoint_candidates(out_dir):
+        problem, step = checkpoint_problem(path, names)
+        if problem is None:
+            complete.append((step, path.stat().st_mtime, path))
+        else:
+            log.warning("not resuming from %s (step %s): %s", path, step if step >= 0 else "?", problem)
+    if not complete:
+        for path in Path(out_dir).glob("hpc_ckpt_*.ckpt"):
+            aside = path.with_name(path.name.replace("hpc_ckpt_", "hpc-ckpt-").replace(".ckpt", ".incomplete.ckpt"))
+            with contextlib.suppress(FileNotFoundError):  # another rank did it
+                os.replace(path, aside)
+                log.warning("renamed the incomplete %s to %s (Lightning would load it by itself)", path, aside)
+        return None
+    step, _, best = max(complete, key=lambda item: (item[0], item[1]))
     last = Path(out_dir) / "checkpoints" / "last.ckpt"
-    return str(last) if last.is_file() else None
+    if best != last and last.is_file():
+        log.warning("resuming from %s (step %d), the newest complete checkpoint, not %s", best, step, last)
+    return str(best)
 
 
 def _under_slurm() -> bool:
