@@ -15,7 +15,7 @@ import os
 import re
 import sys
 import typing
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -149,6 +149,19 @@ def _schema_fields(schema: Any) -> dict[str, Any] | None:
     return {f.name: hints.get(f.name) for f in dataclasses.fields(schema)}
 
 
+def parsed_overrides(args: Iterable[str]) -> Iterator[tuple[str, Any]]:
+    """``(arg, Hydra's parsed override)`` for each command-line argument that is an override (``key=value``);
+    flags (``-m``, ``--cfg``) and what Hydra cannot parse (it reports that itself) are passed over."""
+    parser = OverridesParser.create()
+    for arg in args:
+        if arg.startswith("-") or "=" not in arg:
+            continue
+        try:
+            yield arg, parser.parse_override(arg)
+        except Exception:  # malformed, or the value of a flag
+            continue
+
+
 def check_against_schema(keys: Iterable[str], schema: type, *, root: str = "") -> None:
     """Refuse dotted ``keys`` that the dataclass ``schema`` has no field for, with the nearest valid key.
 
@@ -182,15 +195,8 @@ def precheck_overrides(config_name: str, args: Iterable[str]) -> None:
     if schema is None:
         return
     fields = _schema_fields(schema) or {}
-    parser = OverridesParser.create()
     keys = []
-    for arg in args:
-        if arg.startswith("-") or "=" not in arg:
-            continue
-        try:
-            override = parser.parse_override(arg)
-        except Exception:  # Hydra reports a malformed override itself
-            continue
+    for _, override in parsed_overrides(args):
         key = override.get_key_element().lstrip("+~")
         if key.startswith("hydra.") or key == "hydra" or "/" in key or "@" in key or override.is_delete():
             continue
@@ -379,14 +385,7 @@ def _swept_keys() -> set[str]:
     if hydra_cfg.mode != RunMode.MULTIRUN:
         return set()
     keys = {str(k) for k in (hydra_cfg.sweeper.get("params") or {})}
-    parser = OverridesParser.create()
-    for arg in sys.argv[1:]:
-        if arg.startswith("-") or "=" not in arg:
-            continue
-        try:
-            override = parser.parse_override(arg)
-        except Exception:  # not an override (a value of a flag, say)
-            continue
+    for _, override in parsed_overrides(sys.argv[1:]):
         if override.is_sweep_override():
             keys.add(override.get_key_element().lstrip("+~"))
     return keys

@@ -88,17 +88,10 @@ def _plain(node: Any) -> Any:
 
 def _overrides(args: Iterable[str]) -> tuple[list[str], list[str]]:
     """(the command line's plain overrides, the keys it sweeps)."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from stllava_med.utils.config import parsed_overrides  # utils.config imports this module
 
-    parser = OverridesParser.create()
     plain, swept = [], []
-    for arg in args:
-        if arg.startswith("-") or "=" not in arg:
-            continue
-        try:
-            override = parser.parse_override(arg)
-        except Exception:  # Hydra reports a malformed override itself
-            continue
+    for arg, override in parsed_overrides(args):
         if override.is_sweep_override():
             swept.append(override.get_key_element().lstrip("+~"))
         else:
