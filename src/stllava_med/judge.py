@@ -29,6 +29,7 @@ from stllava_med.selftrain.store import JudgementStore
 from stllava_med.utils import config as _config  # noqa: F401  (registers resolvers)
 from stllava_med.utils.config import resolve_out_dir, save_config, stage_main
 from stllava_med.utils.io import atomic_write_json
+from stllava_med.utils.run_identity import claim_run_dir
 from stllava_med.utils.runtime import (
     JUDGE_EXIT_BUDGET,
     JUDGE_EXIT_EXPERT,
@@ -111,8 +112,8 @@ def _start(cfg: DictConfig) -> Path:
     # nor Lightning, and importing them would triple the start-up time of every (resumed) judge job.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     quiet_known_noise()
-    out_dir = resolve_out_dir(cfg, "judge")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    # the config's own directory (utils/run_identity.py); no lock: judges on one store share its work
+    out_dir = claim_run_dir(cfg, resolve_out_dir(cfg, "judge"), "judge", lock=False)
     save_config(cfg, out_dir)
     log.info("judge: run directory %s", out_dir)
     return out_dir

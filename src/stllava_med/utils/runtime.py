@@ -18,10 +18,11 @@ from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig, ListConfig
+from omegaconf import DictConfig, ListConfig, open_dict
 
 from stllava_med.utils.config import hydra_output_dir, resolve_out_dir, save_config, setup_torch_threads
 from stllava_med.utils.io import atomic_write_json, load_json
+from stllava_med.utils.run_identity import claim_run_dir
 
 log = logging.getLogger("stllava_med")
 
@@ -130,8 +131,10 @@ def start_run(cfg: DictConfig, stage: str) -> Path:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     quiet_known_noise()
     setup_torch_threads(cfg.get("num_threads"))
-    out_dir = resolve_out_dir(cfg, stage)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = claim_run_dir(cfg, resolve_out_dir(cfg, stage), stage)  # this config's, and this process's
+    if cfg.get("out_dir") and Path(str(cfg.out_dir)).expanduser().resolve() != out_dir:  # run_dir_mismatch=new
+        with open_dict(cfg):
+            cfg.out_dir = str(out_dir)
     save_config(cfg, out_dir)
     seed = cfg.get("seed")
     if seed is not None:
