@@ -38,8 +38,24 @@ def _container(node: Any) -> dict[str, Any]:
     return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node or {})
 
 
-def build_reference(cfg: DictConfig, backbone: Any, datamodule: Any) -> Any:
-    """The reference object for ``dpo.reference`` (see :mod:`stllava_med.dpo.reference`)."""
+def build_vision_cache(cfg: DictConfig, backbone: Any, datamodule: Any) -> Any:
+    """The vision feature cache (``dpo.vision_cache_dir``; :mod:`stllava_med.dpo.vision_cache`), or None."""
+    dpo = DPOSettings.from_config(_container(cfg.dpo))
+    if not dpo.vision_cache_dir:
+        return None
+    from stllava_med.dpo.vision_cache import build_cached_vision
+
+    # a copy reference (or a precomputed one computed by a copy) encodes the pixels itself: they stay in the batch
+    copy_source = dpo.reference == "copy" or (dpo.reference == "precomputed" and dpo.precompute_source == "copy")
+    batch_size = int(dpo.precompute_batch_size or datamodule.settings.val_batch_size or datamodule.settings.batch_size)
+    return build_cached_vision(str(dpo.vision_cache_dir), backbone.model, datamodule, dtype=dpo.vision_cache_dtype,
+                               skip_pixels=not copy_source, batch_size=batch_size,
+                               progress=datamodule.settings.progress)
+
+
+def build_reference(cfg: DictConfig, backbone: Any, datamodule: Any, vision: Any = None) -> Any:
+    """The reference object for ``dpo.reference`` (see :mod:`stllava_med.dpo.reference`); ``vision``: the vision
+    feature cache, whose rounding (when it is lossy) the precomputed reference's key records."""
     from stllava_med.backbone import load_backbone
     from stllava_med.data.pairs.scan import processor_fingerprint
     from stllava_med.dpo.reference import (
@@ -84,6 +100,8 @@ def build_reference(cfg: DictConfig, backbone: Any, datamodule: Any) -> Any:
         raise ValueError("dpo.reference=precomputed needs dpo.reference_cache_dir (where the log-probs are cached)")
     root = Path(str(dpo.reference_cache_dir))
     load_settings = {k: backbone_cfg.get(k) for k in ("dtype", "quantization", "bnb_compute_dtype", "attn_implementation")}
+    if vision is not None and not vision.lossless and source_mode == "adapter_off":  # it reads the rounded features
+        load_settings["vision_features"] = vision.cache.key_parts["dtype"]
     fingerprint = reference_fingerprint(weights_path, settings=load_settings,
                                         model=getattr(source, "model", None) or backbone.model,
                                         memo_path=root / "weight_hashes.json")
@@ -121,8 +139,10 @@ def run_train_dpo(cfg: DictConfig, *, callbacks: Iterable[Any] = (), out_dir: Pa
     fmt = with_system(ChatFormat.from_config(backbone_cfg.get("chat")), prompts.system)
     datamodule = PreferenceDataModule(data_settings, backbone.processor, fmt, out_dir=out_dir)
     datamodule.setup("fit")  # the scan decides the pairs, and the precomputed reference is keyed by them
-    reference = build_reference(cfg, backbone, datamodule)
-    module = DPOModule(backbone.model, reference, settings, optim, projector_modules=optim.projector_modules)
+    vision = build_vision_cache(cfg, backbone, datamodule)
+    reference = build_reference(cfg, backbone, datamodule, vision)
+    module = DPOModule(backbone.model, reference, settings, optim, projector_modules=optim.projector_modules,
+                       vision_cache=vision)
     result = fit_and_export(cfg, "dpo", module, datamodule, model=backbone.model, processor=backbone.processor,
                             out_dir=out_dir, callbacks=callbacks, validate=bool(datamodule.val_entries))
     summary = {
@@ -134,6 +154,9 @@ def run_train_dpo(cfg: DictConfig, *, callbacks: Iterable[Any] = (), out_dir: Pa
     }
     if getattr(reference, "computed", None) is not None:
         summary["reference_cache"] = {"dir": str(reference.cache.dir), "computed_now": reference.computed}
+    if vision is not None:
+        summary["vision_cache"] = {"dir": str(vision.cache.dir), "images": len(vision.items),
+                                   "computed_now": vision.computed, "dtype": vision.cache.key_parts["dtype"]}
     if result.is_global_zero:
         atomic_write_json(out_dir / "metrics.json", summary)
         finish_run(out_dir, "dpo", {"metrics": summary})

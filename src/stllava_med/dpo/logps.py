@@ -166,8 +166,8 @@ class LogProbs:
                        ) -> list[torch.Tensor] | None:
         """The language-model inputs of each image of the batch (one tensor of rows per image, in order)."""
         pixel_values = batch.get("pixel_values")
-        if pixel_values is None:
-            return None
+        if pixel_values is None and (vision_features is None or not self.split_vision):
+            return None  # (a batch whose pixels the vision feature cache replaced comes with vision_features)
         if self.split_vision:
             if vision_features is None:
                 vision_features = self.vision_features(pixel_values)

@@ -4,6 +4,8 @@ It receives built objects — the policy model, a :mod:`reference <stllava_med.d
 and optimizer settings — and never reads configs or paths. One training step:
 
 1. the vision tower runs once per pair (and, when it is frozen, its output is shared with the reference);
+   with a vision cache (``dpo.vision_cache_dir``) a frozen tower's output is read from disk instead, filled
+   once per sweep before training (:mod:`stllava_med.dpo.vision_cache`);
 2. policy log-probs of chosen and rejected answers (:class:`stllava_med.dpo.logps.LogProbs`: prefix sharing,
    output layer on answer tokens only);
 3. reference log-probs (adapter off / copy / precomputed cache), without gradients;
@@ -49,7 +51,7 @@ def _metric_key(stage: str, name: str) -> str:
 
 class DPOModule(TrainableOnlyCheckpoints, LightningModule):
     def __init__(self, policy: nn.Module, reference: Any, settings: DPOSettings, optim: Mapping[str, Any], *,
-                 projector_modules: Sequence[str] | None = None) -> None:
+                 projector_modules: Sequence[str] | None = None, vision_cache: Any = None) -> None:
         super().__init__()
         self.policy = policy
         self.reference = reference
@@ -57,6 +59,10 @@ class DPOModule(TrainableOnlyCheckpoints, LightningModule):
         self.optim = optim if isinstance(optim, OptimSettings) else OptimSettings.from_config(optim)
         self.projector_modules = tuple(projector_modules) if projector_modules else None
         self.logprobs = LogProbs(policy, prefix_sharing=settings.prefix_sharing)
+        # the frozen tower's output cached on disk (stllava_med.dpo.vision_cache.CachedVision), or None
+        self.vision_cache = vision_cache
+        if vision_cache is not None and hasattr(reference, "vision"):  # a precomputed reference's pass reads it too
+            reference.vision = self._vision_features
         names = list(METRIC_NAMES) + (["nll"] if settings.nll_weight else [])
         self.metrics = nn.ModuleDict({_metric_key(stage, name): MeanMetric()
                                       for stage in ("train", "val") for name in names})
@@ -70,8 +76,8 @@ class DPOModule(TrainableOnlyCheckpoints, LightningModule):
         pixel_values = batch.get("pixel_values")
         vision = None
         image_features = None
-        if self.logprobs.split_vision and pixel_values is not None:
-            vision = self.logprobs.vision_features(pixel_values)
+        if self.logprobs.split_vision and (pixel_values is not None or batch.get("vision_keys") is not None):
+            vision = self._vision_features(batch)
             image_features = list(self.logprobs.project(vision))
         policy = self.logprobs(batch, image_features=image_features)
         shared = vision if getattr(self.reference, "shares_vision", False) else None
@@ -95,6 +101,13 @@ class DPOModule(TrainableOnlyCheckpoints, LightningModule):
             out["losses"] = losses + self.settings.nll_weight * nll
             out["nll"] = nll.detach()
         return out
+
+    def _vision_features(self, batch: Mapping[str, Any]) -> torch.Tensor:
+        """The tower's output for the batch's images: from the vision cache when there is one (the pixels may
+        have been skipped), else computed."""
+        if self.vision_cache is not None:
+            return self.vision_cache.features(batch, self.logprobs)
+        return self.logprobs.vision_features(batch["pixel_values"])
 
     def _step(self, batch: Mapping[str, Any], stage: str) -> torch.Tensor:
         out = self.compute(batch)
@@ -168,9 +181,13 @@ class DPOModule(TrainableOnlyCheckpoints, LightningModule):
                 if isinstance(module, nn.Dropout):
                     module.p = 0.0
         self._place_reference()
+        trainer = self.trainer
+        vision = self.vision_cache
+        if vision is not None and not vision.ready:  # before the reference pass, which reads it
+            vision.prepare(self.logprobs, self.device, rank=trainer.global_rank, world_size=trainer.world_size,
+                           barrier=trainer.strategy.barrier, move=lambda batch: move_data_to_device(batch, self.device))
         prepare = getattr(self.reference, "prepare", None)
         if callable(prepare) and getattr(self.reference, "table", True) is None:
-            trainer = self.trainer
             prepare(self.device, rank=trainer.global_rank, world_size=trainer.world_size,
                     barrier=trainer.strategy.barrier,
                     move=lambda batch: move_data_to_device(batch, self.device))

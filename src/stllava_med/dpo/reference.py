@@ -231,6 +231,66 @@ class CacheClaim:
             os.close(fd)
 
 
+
+def claim_missing(lock: Path, claims_dir: Path, missing: Callable[[], set[str]], *, max_ids: int, share: int = 1,
+                  before: Callable[[], None] | None = None) -> tuple[CacheClaim | None, int, int]:
+    """The claim protocol of an on-disk cache (the reference log-probs, the vision features): under ``lock``,
+    ``missing()`` and a claim (``claims_dir``) on up to ``max_ids`` of the missing keys no live process has
+    claimed, at most ``1/share`` of them. Returns ``(claim or None, missing, claimed by others)``."""
+    with file_lock(lock):
+        if before is not None:
+            before()
+        absent = missing()
+        if not absent:
+            return None, 0, 0
+        taken: set[str] = set()
+        if claims_dir.is_dir():
+            for path in sorted(claims_dir.glob("*.json")):
+                ids = CacheClaim.live_ids(path)
+                if ids:
+                    taken |= ids
+        free = sorted(absent - taken)
+        busy = len(absent & taken)
+        if not free:
+            return None, len(absent), busy
+        size = max(1, min(max_ids, math.ceil(len(free) / max(1, share))))
+        claims_dir.mkdir(parents=True, exist_ok=True)
+        name = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}.json"
+        return CacheClaim(claims_dir / name, free[:size]), len(absent), busy
+
+
+def fill_missing(claim: Callable[[], tuple[CacheClaim | None, int, int]], release: Callable[[CacheClaim], None],
+                 compute: Callable[[list[str], Any], None], *, what: str, where: Any, progress: bool = True) -> None:
+    """Fill a cache together with every other process that needs it: claim a chunk of the missing, unclaimed
+    keys, ``compute(ids, bar)`` it (computing appends the entries), release the claim; when every missing key
+    is claimed by others, wait for them (a dead claimant's claim is reclaimed); return when nothing is
+    missing."""
+    bar = None
+    waited = last_log = 0.0
+    try:
+        while True:
+            held, missing, busy = claim()
+            if held is None and not missing:
+                return
+            if held is not None:
+                if bar is None:
+                    log.info("precomputing %s (%d missing) into %s", what, missing, where)
+                    bar = tqdm(desc=what, unit="item", total=missing, disable=not progress)
+                try:
+                    compute(held.ids, bar)
+                finally:
+                    release(held)
+                continue
+            if waited - last_log >= CLAIM_WAIT_LOG_S or not waited:
+                log.info("waiting for %d %s that other processes are computing (%s)", busy, what, where)
+                last_log = waited
+            time.sleep(CLAIM_POLL_S)
+            waited += CLAIM_POLL_S
+    finally:
+        if bar is not None:
+            bar.close()
+
+
 class ReferenceCache:
     """``<root>/<key>/logps.jsonl``: one line per pair ``{"id", "digest", "ref_chosen_logps",
     "ref_rejected_logps"}``, appended under a file lock; ``meta.json`` records what the key was made of;
@@ -288,25 +348,8 @@ class ReferenceCache:
         pairs that no live process has claimed (at most ``1/share`` of them, so the ranks of a job all get
         work). Returns ``(claim or None, missing, claimed by others)``; the "what is missing" check and the
         claim are one critical section, so no pair is ever computed by two processes."""
-        with file_lock(self.lock):
-            self._ensure_meta()
-            missing = self.missing(needed)
-            if not missing:
-                return None, 0, 0
-            taken: set[str] = set()
-            if self.claims_dir.is_dir():
-                for path in sorted(self.claims_dir.glob("*.json")):
-                    ids = CacheClaim.live_ids(path)
-                    if ids:
-                        taken |= ids
-            free = sorted(missing - taken)
-            busy = len(missing & taken)
-            if not free:
-                return None, len(missing), busy
-            size = max(1, min(max_ids, math.ceil(len(free) / max(1, share))))
-            self.claims_dir.mkdir(parents=True, exist_ok=True)
-            name = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}.json"
-            return CacheClaim(self.claims_dir / name, free[:size]), len(missing), busy
+        return claim_missing(self.lock, self.claims_dir, lambda: self.missing(needed), max_ids=max_ids,
+                             share=share, before=self._ensure_meta)
 
     def release(self, claim: CacheClaim) -> None:
         with file_lock(self.lock):
@@ -367,6 +410,9 @@ class PrecomputedReference:
         self.progress = progress
         self.table: dict[str, tuple[float, float]] | None = None
         self.computed = 0
+        # batch -> the vision tower's output from the vision feature cache (dpo.vision_cache_dir), for a source
+        # that shares the tower's output (adapter_off); None: the source encodes the batch's pixels itself
+        self.vision: Callable[[Mapping[str, Any]], torch.Tensor] | None = None
 
     def prepare(self, device: torch.device, *, rank: int = 0, world_size: int = 1,
                 barrier: Callable[[], None] | None = None, move: Callable[[Any], Any] | None = None) -> None:
@@ -378,32 +424,9 @@ class PrecomputedReference:
         reads the cache. Every entry is written exactly once."""
         barrier = barrier or (lambda: None)
         max_ids = self.batch_size * CLAIM_BATCHES
-        bar = None
-        waited = last_log = 0.0
-        try:
-            while True:
-                claim, missing, busy = self.cache.claim(self.needed, max_ids=max_ids, share=world_size)
-                if claim is None and not missing:
-                    break
-                if claim is not None:
-                    if bar is None:
-                        log.info("precomputing reference log-probs (%d pairs missing) into %s", missing, self.cache.dir)
-                        bar = tqdm(desc="reference log-probs", unit="pair", total=missing,
-                                   disable=not self.progress or rank != 0)
-                    try:
-                        self._compute(claim.ids, rank, move, bar)
-                    finally:
-                        self.cache.release(claim)
-                    continue
-                if waited - last_log >= CLAIM_WAIT_LOG_S or not waited:
-                    log.info("waiting for %d reference log-probs that other processes are computing (%s)",
-                             busy, self.cache.claims_dir)
-                    last_log = waited
-                time.sleep(CLAIM_POLL_S)
-                waited += CLAIM_POLL_S
-        finally:
-            if bar is not None:
-                bar.close()
+        fill_missing(lambda: self.cache.claim(self.needed, max_ids=max_ids, share=world_size), self.cache.release,
+                     lambda ids, bar: self._compute(ids, rank, move, bar), what="reference log-probs",
+                     where=self.cache.dir, progress=self.progress and rank == 0)
         barrier()  # the ranks leave together
         table = self.cache.read()
         absent = [i for i in self.needed if i not in table or table[i][0] != self.needed[i]]
@@ -428,7 +451,9 @@ class PrecomputedReference:
                 if move is not None:
                     batch = move(batch)
                 with torch.no_grad():
-                    chosen, rejected = self.source.logps(batch)
+                    features = (self.vision(batch) if self.vision is not None
+                                and getattr(self.source, "shares_vision", False) else None)
+                    chosen, rejected = self.source.logps(batch, vision_features=features)
                 self.cache.append(batch["ids"], self.needed, chosen, rejected)
                 self.computed += len(batch["ids"])
                 if bar is not None:

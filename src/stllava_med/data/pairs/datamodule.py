@@ -16,11 +16,12 @@ from torch.utils.data import DataLoader
 
 from stllava_med.chat import ChatFormat
 from stllava_med.data.fraction import fraction_score, in_fraction, write_selected_ids
-from stllava_med.data.pairs.collate import PairCollator, identity_collate
+from stllava_med.data.pairs.collate import PairCollator, PairItem, identity_collate
 from stllava_med.data.pairs.scan import ScanEntry, ScanResult, scan_pairs
 from stllava_med.data.pairs.settings import PreferenceDataSettings
 from stllava_med.data.pairs.sources import prepare_shards
 from stllava_med.data.pairs.stream import PreferenceBatches, PreferenceLoader, StreamPlan
+from stllava_med.data.preference import iter_lines, parse_pair_line, resolve_image
 from stllava_med.utils.io import atomic_write_json, stable_hash
 from stllava_med.utils.runtime import worker_ignores_sigterm
 
@@ -232,6 +233,30 @@ class PreferenceDataModule(LightningDataModule):
         return DataLoader(dataset, batch_size=None, num_workers=self.settings.num_workers,
                           collate_fn=identity_collate, pin_memory=torch.cuda.is_available(),
                           worker_init_fn=worker_ignores_sigterm if self.settings.num_workers else None)
+
+    def _groups(self) -> list[tuple[ScanResult, list[ScanEntry]]]:
+        """Every pair of this run (training selection and validation), with the scan that holds it."""
+        assert self.train_scan is not None, "call setup() first"
+        if self.val_scan is not None:
+            return [(self.train_scan, self.train_entries), (self.val_scan, self.val_entries)]
+        return [(self.train_scan, [*self.train_entries, *self.val_entries])]
+
+    def vision_items(self) -> dict[str, PairItem]:
+        """One pair item per distinct image (by content digest) of this run's pairs, for the vision feature
+        cache; the collator's path -> digest map is filled on the way (each image file is hashed once)."""
+        items: dict[str, PairItem] = {}
+        for scan, entries in self._groups():
+            plan = self._plan(scan, entries)
+            for shard, lines in zip(plan.shards, plan.lines):
+                wanted = set(lines)
+                for lineno, text in iter_lines(shard):
+                    if lineno not in wanted:
+                        continue
+                    pair = parse_pair_line(text, f"{shard}:{lineno}")
+                    if pair.images:
+                        path = resolve_image(pair.images[0], shard, self.settings.image_root)
+                        items.setdefault(self.collator.image_digest(path), PairItem(pair, shard))
+        return items
 
     def reference_batches(self, ids: set[str] | None = None, *, rank: int = 0, world_size: int = 1,
                           batch_size: int | None = None) -> PreferenceBatches:

@@ -55,6 +55,35 @@ class OnceImageProcessor:
         return getattr(self.inner, name)
 
 
+class StandInImageProcessor:
+    """Stands in for a processor's image processor when a pair's image needs no pixels (its vision features
+    are cached): given :attr:`image` (a 1x1 stand-in), it returns zeros of :attr:`pixel_shape`, the shape the
+    real image's processing had, so that the processor expands the image placeholder exactly as for the real
+    image; any other image goes to the real image processor. Everything else is delegated."""
+
+    def __init__(self, inner: Any) -> None:
+        from PIL import Image
+
+        self.inner = inner
+        self.image = Image.new("RGB", (1, 1))
+        self.pixel_shape: tuple[int, ...] = ()
+
+    def __call__(self, images: Any, *args: Any, **kwargs: Any) -> Any:
+        flat = images
+        while isinstance(flat, list | tuple) and len(flat) == 1:
+            flat = flat[0]
+        if flat is not self.image:
+            return self.inner(images, *args, **kwargs)
+        from transformers import BatchFeature
+
+        return BatchFeature({"pixel_values": torch.zeros((1, *self.pixel_shape))})
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "inner":  # not set yet (unpickling)
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+
 def once_processor(processor: Any) -> tuple[Any, OnceImageProcessor | None]:
     inner = getattr(processor, "image_processor", None)
     if inner is None:
