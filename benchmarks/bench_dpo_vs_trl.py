@@ -326,7 +326,7 @@ def run_trl(args: argparse.Namespace, model_dir: Path, pairs_dir: Path, work: Pa
             output_dir=str(work / "trl"), per_device_train_batch_size=args.batch_size, num_train_epochs=1,
             learning_rate=args.lr, lr_scheduler_type="cosine", warmup_steps=0, logging_steps=1,
             save_strategy="no", report_to=[], use_cpu=args.device != "cuda", bf16=args.shape == "llava7b",
-            max_length=None, beta=0.1, loss_type=["sigmoid"], gradient_checkpointing=False,
+            max_length=None, beta=getattr(args, "beta", 0.1), loss_type=["sigmoid"], gradient_checkpointing=False,
             dataloader_num_workers=args.workers, disable_tqdm=True, seed=args.seed, remove_unused_columns=False,
             train_sampling_strategy="sequential", max_grad_norm=1.0,
         )

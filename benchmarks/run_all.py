@@ -14,6 +14,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 SCRIPTS = [
     ("DPO step vs TRL DPOTrainer", ["bench_dpo_vs_trl.py", "--pairs", "128", "--repeats", "2"]),
+    ("DPO sweep (beta x fraction) vs TRL, shared caches", ["bench_sweep.py", "--pairs", "128", "--repeats", "2"]),
     ("judge throughput vs the ideal", ["bench_judge.py"]),
     ("K answers: shared prefix vs num_return_sequences vs K calls", ["bench_generate.py"]),
 ]
