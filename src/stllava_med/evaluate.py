@@ -44,14 +44,7 @@ def run_evaluate(cfg: DictConfig, out_dir: Path | None = None) -> dict[str, Any]
     out_dir = out_dir or start_run(cfg, "evaluate")
     specs = dataset_specs(cfg.data.sets)
     settings = EvalSettings.from_config(OmegaConf.to_container(cfg.eval, resolve=True))
-    if settings.merge_only:
-        layout = sharding.recorded_layout(out_dir)
-        if layout is None:
-            raise ValueError(f"eval.merge_only: {out_dir} holds no sharded run ({sharding.SHARDS_DIR}/"
-                             f"{sharding.LAYOUT_FILE} is missing)")
-        index, n = 0, int(layout["num_shards"])
-    else:
-        index, n = sharding.resolve_shard(settings.shard_index, settings.num_shards, "eval")
+    index, n = sharding.this_shard(settings, out_dir, "eval")
     loaded = {}
     for name, spec in specs.items():  # load (and validate) every dataset before spending time on a model
         records, report = load_vqa(spec)

@@ -73,14 +73,7 @@ def run_generate(cfg: DictConfig, out_dir: Path | None = None) -> dict[str, Any]
     assert isinstance(generate_cfg, dict)
     settings = GenerationSettings.from_config(generate_cfg, seed=int(cfg.get("seed") or 0))
     out_dir = out_dir or start_run(cfg, "generate")
-    if settings.merge_only:
-        layout = sharding.recorded_layout(out_dir)
-        if layout is None:
-            raise ValueError(f"generate.merge_only: {out_dir} holds no sharded run ({sharding.SHARDS_DIR}/"
-                             f"{sharding.LAYOUT_FILE} is missing)")
-        index, n = 0, int(layout["num_shards"])
-    else:
-        index, n = sharding.resolve_shard(settings.shard_index, settings.num_shards, "generate")
+    index, n = sharding.this_shard(settings, out_dir, "generate")
     tasks, input_report = image_tasks(cfg, settings)
     if not tasks:
         raise ValueError("generate: no images to generate for")

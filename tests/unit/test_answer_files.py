@@ -65,7 +65,7 @@ def test_a_resumed_file_of_older_rows_is_rewritten_in_the_layout_and_question_or
     old = [{"question_id": r.id, "prompt": r.question, "text": f"answer {r.id}", "answer_type": r.answer_type,
             "answer": r.answer, "image": r.image} for r in reversed(records)]
     path = write_jsonl(tmp_path / "predictions.jsonl", old)
-    rows, stats = predict(SimpleNamespace(name="tiny"), records, ChatFormat(), path, progress=False)
+    rows, stats = predict(SimpleNamespace(name="tiny", processor=None), records, ChatFormat(), path, progress=False)
     assert stats["generated"] == 0
     written = [json.loads(line) for line in path.read_text().splitlines()]
     assert written == rows == [answer_row(r, f"answer {r.id}", model_id="tiny") for r in records]

@@ -63,6 +63,18 @@ def resolve_shard(shard_index: int | None, num_shards: int | None, where: str) -
     return shard_index, num_shards
 
 
+def this_shard(settings: Any, run_dir: Path, where: str) -> tuple[int, int]:
+    """``(index, n)`` of this process for a stage's ``<where>.*`` settings (``merge_only``, ``shard_index``,
+    ``num_shards``): a merge-only run takes the layout recorded in ``run_dir`` (index 0)."""
+    if settings.merge_only:
+        layout = recorded_layout(run_dir)
+        if layout is None:
+            raise ValueError(f"{where}.merge_only: {run_dir} holds no sharded run ({SHARDS_DIR}/{LAYOUT_FILE} is "
+                             "missing)")
+        return 0, int(layout["num_shards"])
+    return resolve_shard(settings.shard_index, settings.num_shards, where)
+
+
 def shard_device(name: str | None, num_shards: int) -> str | None:
     """The device of a shard: ``auto`` under torchrun / srun with several GPUs visible picks the local rank's
     GPU (``LOCAL_RANK`` / ``SLURM_LOCALID``); anything else is left as it is."""
