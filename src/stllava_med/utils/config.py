@@ -225,8 +225,10 @@ def stage_main(config_name: str) -> Any:
                         chosen = argv[i + 1]
                     elif arg.startswith("--config-name="):
                         chosen = arg.split("=", 1)[1]
+                from stllava_med.utils.runtime import quiet_known_noise  # both import this module
                 from stllava_med.utils.secrets import SecretInConfig, check_argv
 
+                quiet_known_noise()  # before Hydra composes (it warns about the launcher configs)
                 try:  # before Hydra writes anything (its job directory, .hydra/overrides.yaml)
                     check_argv(argv)
                     precheck_overrides(chosen, argv)

@@ -34,6 +34,9 @@ log = logging.getLogger("stllava_med")
 # Library warnings known to be harmless here, silenced at their source by exact message (nothing else from
 # these libraries is hidden). Each entry: (category, message regex, why it is harmless).
 KNOWN_WARNINGS: tuple[tuple[type[Warning], str, str], ...] = (
+    (UserWarning, r"\s*'hydra/launcher/submitit_(slurm|local)' is validated against ConfigStore schema",
+     "our conf/hydra/launcher/submitit_*.yaml extend the plugin's schema of the same name, as its docs show; "
+     "Hydra 1.3 still matches them and only warns"),
     (FutureWarning, r"`is_gradient_checkpointing` is deprecated",
      "peft reads the deprecated transformers property; nothing of ours calls it"),
     (FutureWarning, r"`isinstance\(treespec, LeafSpec\)` is deprecated",

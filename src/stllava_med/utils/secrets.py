@@ -75,7 +75,7 @@ def find_secrets(cfg: DictConfig | ListConfig | Any, prefix: str = "") -> list[s
     """Dotted keys of ``cfg`` (unresolved) that hold a literal secret-looking value."""
     found: list[str] = []
     if isinstance(cfg, DictConfig):
-        items = [(str(k), cfg._get_node(k)) for k in cfg.keys()]
+        items = [(str(k), cfg._get_node(k)) for k in cfg]
     elif isinstance(cfg, ListConfig):
         items = [(str(i), cfg._get_node(i)) for i in range(len(cfg))]
     else:
