@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from stllava_med.schema import JudgeRunSettings
 from stllava_med.selftrain.judge import JudgeSettings, judge_candidates
 from stllava_med.selftrain.pairs import PairSettings, build_pairs, write_shards
-from stllava_med.selftrain.records import load_candidates
+from stllava_med.selftrain.records import load_candidates, unfinished_generation
 from stllava_med.selftrain.store import JudgementStore
 from stllava_med.utils import config as _config  # noqa: F401  (registers resolvers)
 from stllava_med.utils.config import resolve_out_dir, save_config, stage_main
@@ -132,6 +132,12 @@ def run_judge(cfg: DictConfig, out_dir: Path | None = None) -> dict[str, Any]:
     pair_settings = PairSettings.from_config(cfg.get("pairs"))
     started = time.perf_counter()
     # everything that can fail on bad input fails before the run directory exists
+    unfinished = unfinished_generation(str(cfg.candidates))
+    if unfinished and not run_settings.allow_partial:
+        raise ValueError(f"judge: {unfinished}. Its pairs would come from part of the images: let it finish (rerun "
+                         "the same generate command), or set judge.allow_partial=true to judge what is there")
+    if unfinished:
+        log.warning("judge: judging a partial generation (judge.allow_partial=true): %s", unfinished)
     candidates = load_candidates(str(cfg.candidates))
     if run_settings.limit:
         candidates = candidates[: int(run_settings.limit)]

@@ -411,6 +411,9 @@ class JudgeRunSettings:
     store_synchronous: str = "NORMAL"     # SQLite: NORMAL survives a killed process; FULL also an OS crash
     progress: bool = True
     limit: int | None = None              # judge only the first N candidates (smoke runs)
+    # candidates= a generation run that has not finished (no summary.json with complete: true, or progress past
+    # it): refused with its counts unless true (judges what is there; the pairs then come from part of the images)
+    allow_partial: bool = False
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any] | None) -> JudgeRunSettings:
@@ -565,7 +568,7 @@ class JudgeStage(_Stage):
     judge: JudgeRunSettings = field(default_factory=JudgeRunSettings)
     pairs: PairSettings = field(default_factory=PairSettings)
     # backbone: read by expert=hf_local through expert.backbone, which stays in the fingerprint
-    run_dir_ignore: list[str] = field(default_factory=lambda: ["backbone", "judge.progress"])
+    run_dir_ignore: list[str] = field(default_factory=lambda: ["backbone", "judge.progress", "judge.allow_partial"])
 
 
 @dataclass

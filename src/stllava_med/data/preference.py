@@ -239,22 +239,40 @@ def resolve_image(path: str, shard: Path | None, image_root: str | os.PathLike |
 def pair_problem(pair: PreferencePair, image_paths: Sequence[Path]) -> str | None:
     """Why ``pair`` cannot be trained on (a short reason used as a skip counter), or None.
 
-    Reasons: ``empty_prompt``, ``empty_chosen``, ``empty_rejected``, ``chosen_equals_rejected``,
-    ``too_many_images`` (one image per pair, as in the paper), ``missing_image``."""
+    Reasons: ``empty_prompt``, ``empty_chosen``, ``empty_rejected``, ``chosen_equals_rejected`` (the same text up
+    to case and whitespace: "Yes." / "yes." teaches nothing but capitalisation), ``no_image`` (``images: []``: the
+    method trains on images; a text-only pair is not what it learns from), ``too_many_images`` (one image per pair,
+    as in the paper), ``missing_image``."""
     if not pair.prompt.strip():
         return "empty_prompt"
     if not pair.chosen.strip():
         return "empty_chosen"
     if not pair.rejected.strip():
         return "empty_rejected"
-    if pair.chosen.strip() == pair.rejected.strip():
+    if _same_text(pair.chosen, pair.rejected):
         return "chosen_equals_rejected"
+    if not pair.images:
+        return "no_image"
     if len(pair.images) > 1:
         return "too_many_images"
     for image in image_paths:
         if not image.is_file():
             return "missing_image"
     return None
+
+
+def _same_text(a: str, b: str) -> bool:
+    return " ".join(a.split()).casefold() == " ".join(b.split()).casefold()
+
+
+# The field a reason is about, for the error message (handle_bad adds it when the caller gives no detail).
+PROBLEM_FIELDS = {
+    "empty_prompt": "field 'prompt' is empty", "empty_chosen": "field 'chosen' is empty",
+    "empty_rejected": "field 'rejected' is empty",
+    "chosen_equals_rejected": "fields 'chosen' and 'rejected' are the same text up to case and whitespace",
+    "no_image": "field 'images' is empty (text-only pairs are not trained)",
+    "too_many_images": "field 'images' lists more than one image (one image per pair)",
+}
 
 
 # What a reader kept and skipped: the same report the VQA loaders give.
@@ -265,6 +283,7 @@ def handle_bad(report: SkipReport, policy: str, reason: str, where: str, detail:
     """Raise (``policy='error'``) or count a bad record."""
     if policy not in BAD_PAIR_POLICIES:
         raise ValueError(f"on_bad_pair must be one of {BAD_PAIR_POLICIES}, not {policy!r}")
+    detail = detail or PROBLEM_FIELDS.get(reason, "")
     message = f"{where}: {reason.replace('_', ' ')}{': ' + detail if detail else ''}"
     if policy == "error":
         raise BadPairError(f"{message} (set data.on_bad_pair=skip to skip such pairs, counted)")

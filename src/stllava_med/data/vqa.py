@@ -66,8 +66,8 @@ class VQARecord:
         return cls(
             id=str(obj["id"]),
             image=str(obj["image"]),
-            question=str(obj["question"]),
-            answer=str(obj["answer"]),
+            question=_text(obj["question"], where, "question"),
+            answer=_text(obj["answer"], where, "answer"),
             answer_type=_answer_type(obj["answer_type"], where),
             dataset=str(obj.get("dataset", "native")),
             split=str(obj.get("split", "test")),
@@ -106,6 +106,18 @@ class ImageError(ValueError):
     """A record's image is missing or unreadable; the message names the record and the path."""
 
 
+class EmptyDataset(ValueError):
+    """A dataset with no question left to use; the message says what was read and what was dropped, and why."""
+
+
+def _dropped(report: LoadReport) -> str:
+    if not report.read:
+        return "the file has no records"
+    skipped = ", ".join(f"{n} {reason.replace('_', ' ')}" for reason, n in report.skipped.items())
+    examples = f" (e.g. {'; '.join(report.examples[:3])})" if report.examples else ""
+    return f"{report.read} read, {skipped or 'none'} skipped{examples}"
+
+
 class CountMismatch(ValueError):
     """A benchmark file does not hold the questions its config expects (``data.sets.<name>.expect_counts``)."""
 
@@ -123,6 +135,21 @@ def check_counts(records: Sequence[VQARecord], expected: ExpectedCounts, *, name
         f"{expected.total} ({expected.open} open / {expected.closed} closed){skipped}. Is this the right file? "
         f"For a custom subset set data.sets.{name}.expect_counts=null"
     )
+
+
+def _text(value: Any, where: str, name: str) -> str:
+    """A question's or answer's text: a non-empty string (a number is taken as its text, ``2`` -> ``"2"``); null,
+    a boolean, a list or an empty string is an error naming the record and the field (``str(None)`` would make
+    the ground truth the word "None")."""
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        raise ValueError(f"{where}: field {name!r} must be a non-empty string, got "
+                         f"{'null' if value is None else type(value).__name__ + ' ' + repr(value)[:40]}")
+    if name.startswith("question") and not isinstance(value, str):
+        raise ValueError(f"{where}: field {name!r} must be a non-empty string, got {type(value).__name__} {value!r}")
+    text = str(value)
+    if not text.strip():
+        raise ValueError(f"{where}: field {name!r} is empty")
+    return text
 
 
 def _answer_type(value: Any, where: str) -> str:
@@ -245,8 +272,8 @@ def load_vqa_rad(root: str | Path, split: str = "test", *, on_missing_image: str
             id=str(int(qid) - 1),
             source_id=int(qid) - 1,
             image=str(images / str(_require(row, "image_name", where))),
-            question=str(_require(row, "question", where)),
-            answer=str(_require(row, "answer", where)),
+            question=_text(_require(row, "question", where), where, "question"),
+            answer=_text(_require(row, "answer", where), where, "answer"),
             answer_type=_answer_type(_require(row, "answer_type", where), where),
             dataset="vqa_rad",
             split=split,
@@ -279,17 +306,17 @@ def load_vqa_rad_public(root: str | Path, split: str = "test", *, include_rephra
         qid = str(raw_qid)
         base = dict(
             image=str(images / str(_require(row, "image_name", where))),
-            answer=str(_require(row, "answer", where)),
+            answer=_text(_require(row, "answer", where), where, "answer"),
             answer_type=_answer_type(_require(row, "answer_type", where), where),
             dataset="vqa_rad_public",
             split=row_split,
             meta={k: row[k] for k in ("image_organ", "question_type", "phrase_type", "evaluation") if k in row},
         )
-        records.append(VQARecord(id=qid, question=str(_require(row, "question", where)), source_id=_source_id(raw_qid),
+        records.append(VQARecord(id=qid, question=_text(_require(row, "question", where), where, "question"), source_id=_source_id(raw_qid),
                                  **base))
         rephrase = row.get("question_rephrase")
         if include_rephrase and rephrase not in (None, "", "NULL"):
-            records.append(VQARecord(id=f"{qid}_rephrase", question=str(rephrase), **base))
+            records.append(VQARecord(id=f"{qid}_rephrase", question=_text(rephrase, where, "question_rephrase"), **base))
     report.read = len(records)
     return _finish(records, report, on_missing_image), report
 
@@ -316,8 +343,8 @@ def load_slake(root: str | Path, split: str = "test", *, language: str | None = 
             id=str(qid),
             source_id=_source_id(qid),
             image=str(images / str(_require(row, "img_name", where))),
-            question=str(_require(row, "question", where)),
-            answer=str(_require(row, "answer", where)),
+            question=_text(_require(row, "question", where), where, "question"),
+            answer=_text(_require(row, "answer", where), where, "answer"),
             answer_type=_answer_type(_require(row, "answer_type", where), where),
             dataset="slake",
             split=split,
@@ -372,9 +399,9 @@ def load_pathvqa(root: str | Path, split: str = "test", *, image_cache: str | Pa
                         to_rgb(img).save(out)
                 except (UnidentifiedImageError, OSError) as err:
                     raise ImageError(f"{where}: cannot decode field 'image': {err}") from err
-            answer = str(row["answer"])
+            answer = _text(row["answer"], where, "answer")
             records.append(VQARecord(
-                id=str(row_index), source_id=row_index, image=str(out), question=str(row["question"]), answer=answer,
+                id=str(row_index), source_id=row_index, image=str(out), question=_text(row["question"], where, "question"), answer=answer,
                 answer_type=_pathvqa_answer_type(answer), dataset="pathvqa", split=split,
             ))
             row_index += 1
@@ -399,14 +426,16 @@ def load_llava_med(path: str | Path, image_folder: str | Path, *, dataset: str =
         answer = next((c for c in conversations if c.get("from") == "gpt"), None)
         if human is None or answer is None:
             raise ValueError(f"{where}: field 'conversations' needs one 'human' and one 'gpt' turn")
-        question = str(human.get("value", "")).replace("<image>", "").strip()
+        question = _text(human.get("value"), where, "conversations[human].value").replace("<image>", "").strip()
+        if not question:
+            raise ValueError(f"{where}: field 'conversations[human].value' holds no question (only the <image> tag)")
         raw_id = _require(row, "id", where)
         records.append(VQARecord(
             id=str(raw_id),
             source_id=_source_id(raw_id),
             image=str(Path(image_folder) / str(_require(row, "image", where))),
             question=question,
-            answer=str(answer.get("value", "")),
+            answer=_text(answer.get("value"), where, "conversations[gpt].value"),
             answer_type=_answer_type(_require(row, "answer_type", where), where),
             dataset=dataset,
             split=split,
@@ -452,8 +481,13 @@ def load_vqa(spec: Mapping[str, Any]) -> tuple[list[VQARecord], LoadReport]:
     if expected is not None:  # the whole file, before a limit= smoke subset
         check_counts(records, expected, name=name, report=report)
     limit = spec.get("limit")
-    if limit:
-        records = records[: int(limit)]
+    if limit is not None:  # 0 is not "everything": null is
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise ValueError(f"data.sets.{name}.limit must be an integer >= 1, or null for every question; got "
+                             f"{limit!r}")
+        records = records[:limit]
+    if not records:
+        raise EmptyDataset(f"{report.source}: data.sets.{name} holds no questions: {_dropped(report)}")
     ids = Counter(r.id for r in records)
     duplicated = [i for i, n in ids.items() if n > 1]
     if duplicated:

@@ -193,6 +193,13 @@ def write_dataset_results(rows: Sequence[dict[str, Any]], stats: dict[str, Any],
     out_dir.mkdir(parents=True, exist_ok=True)
     if write_predictions:
         write_jsonl(out_dir / "predictions.jsonl", rows)
+    if not rows:  # metrics of nothing would read 0.00 everywhere, as if the model had answered everything wrong
+        from stllava_med.data.vqa import EmptyDataset
+
+        first = f" (first: {stats['skipped_examples'][0]})" if stats.get("skipped_examples") else ""
+        raise EmptyDataset(f"{name}: no question was answered, nothing to score: {len(records)} questions, "
+                           f"{stats.get('skipped_images', 0)} skipped for unreadable images under "
+                           f"eval.on_bad_image=skip{first}")
     metrics = score_rows(rows)
     metrics.update({"dataset": name, "n_questions": len(records), "n_scored": len(rows), **stats, **(extra or {})})
     atomic_write_json(out_dir / "metrics.json", metrics)

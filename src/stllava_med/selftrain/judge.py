@@ -18,6 +18,10 @@ surviving faults, and commits each judgement to the store before moving on.
   an answer), then every :data:`RETRY_LOG_EVERY` retries or :data:`RETRY_LOG_EVERY_S` seconds, with how many
   were not shown. An expert that has not answered once since the run started (server down, wrong port) stops
   the run as soon as the first judgement exhausts its retries, instead of after ``max_consecutive_failures``.
+* **Several processes on one store**: a judgement key is claimed in the store before it is asked, so two judges on
+  one store never ask the same judgement (the second waits for the first's answer; a claim of a process that died
+  is taken over), and each request is reserved in the store before it is sent, so the budgets count every
+  process's requests and cost, in flight included.
 * **Resume**: judgements already in the store are never asked again (keys hash the expert model, prompt
   version, image bytes, question and answers); identical candidates share one request.
 """
@@ -45,7 +49,7 @@ from stllava_med.selftrain.experts.base import (
     TransientError,
 )
 from stllava_med.selftrain.records import Candidate, Judgement, judgement_key
-from stllava_med.selftrain.store import JudgementStore
+from stllava_med.selftrain.store import JudgementStore, owner_id
 from stllava_med.utils.config import check_keys
 from stllava_med.utils.io import sha256_file
 
@@ -184,6 +188,7 @@ class RunStats:
     cost_usd: float = 0.0
     seconds: float = 0.0
     stopped: str | None = None
+    judged_elsewhere: int = 0  # keys another process on the same store answered while this one ran
     failure_reasons: Counter = field(default_factory=Counter)
 
     @property
@@ -198,6 +203,7 @@ class RunStats:
             "prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
             "cost_usd": round(self.cost_usd, 6), "seconds": round(self.seconds, 3),
             "requests_per_s": round(self.requests_per_s, 3), "stopped": self.stopped,
+            "judged_elsewhere": self.judged_elsewhere,
             "failure_reasons": dict(self.failure_reasons.most_common(20)),
         }
 
@@ -291,8 +297,10 @@ class JudgeRunner:
                                               burst_s=settings.burst_s)
         self.rng = random.Random(settings.seed)
         self.stats = RunStats()
-        self._spent_before = store.usage()
-        self._reserved_cost = 0.0
+        self._reserved_cost = 0.0  # this process's requests in flight (the store holds every process's)
+        self._others_in_flight = 0
+        self.owner = owner_id()    # claims and reservations in the store are this runner's
+        self._since = time.time()
         self._request_finished = asyncio.Condition()
         self._consecutive_failures = 0
         self._answered = 0  # replies (valid or not) this run: 0 means the expert has not answered since the start
@@ -303,35 +311,49 @@ class JudgeRunner:
 
     # -- budget --------------------------------------------------------------------------------------------------
 
-    def _budget_stop(self, estimated_cost: float) -> tuple[str, str] | None:
-        """(which budget, why) when the next request would exceed a budget, else None."""
+    def _budget_stop(self, estimated_cost: float, *, reserve: bool = False) -> tuple[tuple[str, str] | None, int | None]:
+        """((which budget, why), None) when the next request would exceed a budget, else (None, the reservation id
+        when ``reserve``). The budget is the store's, shared by every process judging into it: requests recorded
+        plus requests in flight (reserved), cost spent plus the estimated cost of those in flight."""
         settings = self.settings
-        if settings.max_requests is not None:
-            sent = self._spent_before.requests + self.stats.requests
-            if sent >= settings.max_requests:
-                return "requests", f"budget: max_requests={settings.max_requests} reached ({sent} requests sent)"
-        if settings.max_cost_usd is not None:
-            spent = self._spent_before.cost_usd + self.stats.cost_usd
-            if spent + self._reserved_cost + estimated_cost > settings.max_cost_usd:
-                return "cost", (f"budget: max_cost_usd={settings.max_cost_usd:g} would be exceeded "
-                                f"(spent ${spent:.4f}, in flight ${self._reserved_cost:.4f}, next ≈${estimated_cost:.4f})")
-        return None
+        limits = {"max_requests": settings.max_requests, "max_cost_usd": settings.max_cost_usd}
+        if not reserve and limits["max_requests"] is None and limits["max_cost_usd"] is None:
+            return None, None
+        reservation, kind, totals = self.store.reserve(self.owner, estimated_cost, dry=not reserve, **limits)
+        if kind == "requests":
+            sent = totals["sent"] + totals["in_flight"]
+            return ("requests", f"budget: max_requests={settings.max_requests} reached ({sent} requests sent, "
+                                "all processes on this store)"), None
+        if kind == "cost":
+            self._others_in_flight = totals["in_flight"] - totals["mine_in_flight"]
+            return ("cost", f"budget: max_cost_usd={settings.max_cost_usd:g} would be exceeded (spent "
+                            f"${totals['spent']:.4f}, in flight ${totals['in_flight_cost']:.4f}, next "
+                            f"≈${estimated_cost:.4f}; all processes on this store)"), None
+        return None, reservation
 
-    async def _within_budget(self, estimated_cost: float) -> bool:
-        """Wait while requests in flight hold cost reservations that may turn out smaller than estimated; stop the
-        run (and return False) once the next request cannot fit even with nothing in flight."""
+    async def _within_budget(self, estimated_cost: float, *, reserve: bool = False) -> int | bool | None:
+        """Wait while requests in flight (here or in another process) hold cost reservations that may turn out
+        smaller than estimated; stop the run (and return None / False) once the next request cannot fit even with
+        nothing in flight. ``reserve``: the reservation id of the request about to be sent."""
         while True:
             if self.stats.stopped:
-                return False
-            exceeded = self._budget_stop(estimated_cost)
+                return None if reserve else False
+            exceeded, reservation = self._budget_stop(estimated_cost, reserve=reserve)
             if exceeded is None:
-                return True
+                return reservation if reserve else True
             kind, reason = exceeded
-            if kind == "requests" or self._reserved_cost <= 0:
+            if kind == "requests" or (self._reserved_cost <= 0 and not self._others_in_flight):
                 self.stop(reason)
-                return False
+                return None if reserve else False
+            if self._reserved_cost <= 0:  # only other processes' requests are in flight: look again shortly
+                await asyncio.sleep(0.2)
+                continue
             async with self._request_finished:
                 await self._request_finished.wait()
+
+    def _count_done_elsewhere(self) -> None:
+        if self._bar is not None:
+            self._bar.update(1)
 
     def stop(self, reason: str) -> None:
         if self.stats.stopped is None:
@@ -395,8 +417,10 @@ class JudgeRunner:
             if not await self._within_budget(estimated_cost):
                 return
             await self.limiter.acquire(estimated_tokens)
-            # recheck after the (possibly long) wait: other workers may have spent the budget meanwhile
-            if not await self._within_budget(estimated_cost):
+            # recheck after the (possibly long) wait: other workers (and processes) may have spent the budget
+            # meanwhile; the request is reserved in the store until it is recorded
+            reservation = await self._within_budget(estimated_cost, reserve=True)
+            if reservation is None:
                 return
             self.stats.requests += 1
             self._reserved_cost += estimated_cost
@@ -423,7 +447,8 @@ class JudgeRunner:
             async with self._request_finished:
                 self._request_finished.notify_all()
             request: dict[str, Any] = {"attempt": attempt, "seconds": seconds, "prompt_tokens": prompt_tokens,
-                                       "completion_tokens": completion_tokens, "cost_usd": cost}
+                                       "completion_tokens": completion_tokens, "cost_usd": cost,
+                                       "reservation": reservation}
             if result is not None or getattr(error, "status", None) is not None or isinstance(error, InvalidResponse):
                 self._answered += 1  # the server replied (an HTTP error is a reply too)
             if result is not None or isinstance(error, InvalidResponse | ItemError):
@@ -534,17 +559,36 @@ class JudgeRunner:
         self._bar = tqdm(total=len(items), desc=f"judge {self.expert.identity}", unit="q",
                          disable=not self.settings.progress, dynamic_ncols=True)
 
+        deferred: list[tuple[Candidate, str]] = []
+
         async def worker() -> None:
             while not self.stats.stopped:
                 try:
                     candidate, key = queue.get_nowait()
                 except asyncio.QueueEmpty:
                     return
-                await self.judge_one(candidate, key)
+                state = self.store.claim(key, self.owner, since=self._since)  # one process asks each judgement
+                if state == "claimed":
+                    await self.judge_one(candidate, key)
+                elif state == "done":
+                    self.stats.judged_elsewhere += 1
+                    self._count_done_elsewhere()
+                else:
+                    deferred.append((candidate, key))
 
         try:
             await asyncio.gather(*(worker() for _ in range(min(concurrency, max(1, len(items))))))
+            # keys another judge holds: wait for its answers; a holder that died leaves its keys to this one
+            while deferred and not self.stats.stopped:
+                await asyncio.sleep(0.2)
+                busy = self.store.claimed_by_others([k for _, k in deferred], self.owner)
+                for item in [d for d in deferred if d[1] not in busy]:
+                    deferred.remove(item)
+                    queue.put_nowait(item)
+                if not queue.empty():
+                    await asyncio.gather(*(worker() for _ in range(min(concurrency, queue.qsize()))))
         finally:
+            self.store.release_owner(self.owner)
             self.stats.seconds = time.perf_counter() - self._started
             self._refresh_postfix(force=True)
             self._bar.close()

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from stllava_med.data.answers import ANSWER_TYPES
-from stllava_med.utils.io import read_jsonl, stable_hash
+from stllava_med.utils.io import load_json, read_jsonl, stable_hash
 
 QUESTION_SOURCES = ("self", "dataset")
 JUDGEMENT_STATUSES = ("ok", "failed")
@@ -188,6 +188,34 @@ def candidate_files(path: str | os.PathLike) -> list[Path]:
     if not files:
         raise FileNotFoundError(f"candidates: no JSONL file at {text} (give a file, a directory of shards or a glob)")
     return files
+
+
+def unfinished_generation(path: str | os.PathLike) -> str | None:
+    """Why the generation run that ``path`` names (its directory, or its ``candidates/``) has not finished, with
+    its counts; None when it has, or when ``path`` is not a generation run (a file, a folder of shards, a glob).
+
+    Finished: ``summary.json`` (written when a run, or the merge of its shards, ends) says ``complete: true`` and
+    ``progress.jsonl`` (one line per finished image) holds no image more than it counted: a run that was stopped,
+    or a later run of the same directory that is still going (a raised ``generate.max_images``), is not."""
+    p = Path(str(path)).expanduser()
+    run = p if (p / "candidates").is_dir() else p.parent if p.name == "candidates" and p.is_dir() else None
+    if run is None or not ((run / "progress.jsonl").is_file() or (run / "summary.json").is_file()):
+        return None
+    done = sum(1 for _ in read_jsonl(run / "progress.jsonl", allow_truncated_tail=True)) \
+        if (run / "progress.jsonl").is_file() else 0
+    summary_path = run / "summary.json"
+    if not summary_path.is_file():
+        return (f"{run} is an unfinished generation run: no summary.json (stopped, or still running); "
+                f"progress.jsonl has {done} images done")
+    summary = load_json(summary_path)
+    if not summary.get("complete"):
+        return (f"{summary_path}: complete=false, {summary.get('images_done')} of {summary.get('images')} images "
+                "done")
+    if done != int(summary.get("images_done") or 0):
+        return (f"{run}: progress.jsonl has {done} images done, {summary_path} counted "
+                f"{summary.get('images_done')} of {summary.get('images')}: a later run of this directory was "
+                "stopped or is still running")
+    return None
 
 
 def iter_candidates(path: str | os.PathLike) -> Iterator[Candidate]:

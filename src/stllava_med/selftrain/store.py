@@ -45,7 +45,48 @@ CREATE TABLE IF NOT EXISTS requests (
     seconds REAL NOT NULL,
     created_at REAL NOT NULL
 );
+-- Work in progress, shared by every process on the store: a claim hands a judgement key to one judge (the others
+-- skip it, then wait for its result); a reservation is one request in flight, counted against the budget with its
+-- estimated cost until the request is recorded (in the same transaction). Rows of a process that died are stale.
+CREATE TABLE IF NOT EXISTS claims (key TEXT PRIMARY KEY, owner TEXT NOT NULL, claimed_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS reservations (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    owner TEXT NOT NULL,
+    key TEXT NOT NULL,
+    cost_usd REAL NOT NULL,
+    created_at REAL NOT NULL
+);
 """
+
+# A claim or reservation older than this whose owner cannot be checked (another host) is taken to be abandoned.
+STALE_AFTER_S = 3600.0
+
+
+def owner_id() -> str:
+    """``host:pid:random``: who holds a claim or reservation (the pid lets a process on the same host see that
+    the holder died)."""
+    import os
+    import socket
+    import uuid
+
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def _owner_alive(owner: str, claimed_at: float, now: float) -> bool:
+    import os
+    import socket
+
+    host, _, rest = owner.partition(":")
+    pid = rest.split(":", 1)[0]
+    if host == socket.gethostname() and pid.isdigit():
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+    return now - claimed_at < STALE_AFTER_S
 
 
 @dataclass(frozen=True)
@@ -101,7 +142,7 @@ class JudgementStore:
 
     def put(self, judgement: Judgement, *, request: dict | None = None) -> None:
         """Commit a judgement (replacing an earlier failure of the same key), together with the request that
-        produced it, in one transaction."""
+        produced it, in one transaction; the key's claim goes with it."""
         with self._db:
             self._db.execute(
                 "INSERT OR REPLACE INTO judgements VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -110,18 +151,86 @@ class JudgementStore:
             )
             if request is not None:
                 self._insert_request(judgement.key, **request)
+            self._db.execute("DELETE FROM claims WHERE key = ?", (judgement.key,))
+
+    # -- work shared between processes -------------------------------------------------------------------------
+
+    def _drop_stale(self, now: float) -> None:
+        for table in ("claims", "reservations"):
+            stamp = "claimed_at" if table == "claims" else "created_at"
+            for rowid, owner, at in self._db.execute(f"SELECT rowid, owner, {stamp} FROM {table}").fetchall():
+                if not _owner_alive(str(owner), float(at), now):
+                    self._db.execute(f"DELETE FROM {table} WHERE rowid = ?", (rowid,))
+
+    def claim(self, key: str, owner: str, *, since: float) -> str:
+        """Hand ``key`` to ``owner``: ``claimed``; ``taken`` while another live process holds it; ``done`` when a
+        judgement of it was stored after ``since`` (another process answered it meanwhile)."""
+        now = time.time()
+        with self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._drop_stale(now)
+            row = self._db.execute("SELECT created_at FROM judgements WHERE key = ?", (key,)).fetchone()
+            if row is not None and float(row[0]) >= since:
+                return "done"
+            holder = self._db.execute("SELECT owner FROM claims WHERE key = ?", (key,)).fetchone()
+            if holder is not None and holder[0] != owner:
+                return "taken"
+            self._db.execute("INSERT OR REPLACE INTO claims VALUES (?, ?, ?)", (key, owner, now))
+            return "claimed"
+
+    def claimed_by_others(self, keys: Iterable[str], owner: str) -> set[str]:
+        """The ``keys`` another live process holds now."""
+        with self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._drop_stale(time.time())
+        wanted = set(keys)
+        return {k for k, o in self._db.execute("SELECT key, owner FROM claims") if k in wanted and o != owner}
+
+    def reserve(self, owner: str, cost_usd: float, *, max_requests: int | None, max_cost_usd: float | None,
+                dry: bool = False) -> tuple[int | None, str | None, dict[str, float]]:
+        """Reserve one request against the budget of every process on the store (requests recorded + reserved,
+        cost spent + reserved): ``(reservation id, None, totals)``, or ``(None, "requests" | "cost", totals)`` when
+        it would exceed ``max_requests`` / ``max_cost_usd``. ``totals``: sent, spent, in_flight, in_flight_cost,
+        mine_in_flight. ``dry``: check only (reservation id None)."""
+        with self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._drop_stale(time.time())
+            sent, spent = self._db.execute("SELECT COUNT(*), COALESCE(SUM(cost_usd), 0.0) FROM requests").fetchone()
+            flying, flying_cost = self._db.execute(
+                "SELECT COUNT(*), COALESCE(SUM(cost_usd), 0.0) FROM reservations").fetchone()
+            mine = self._db.execute("SELECT COUNT(*) FROM reservations WHERE owner = ?", (owner,)).fetchone()[0]
+            totals = {"sent": int(sent), "spent": float(spent), "in_flight": int(flying),
+                      "in_flight_cost": float(flying_cost), "mine_in_flight": int(mine)}
+            if max_requests is not None and sent + flying >= max_requests:
+                return None, "requests", totals
+            if max_cost_usd is not None and spent + flying_cost + cost_usd > max_cost_usd:
+                return None, "cost", totals
+            if dry:
+                return None, None, totals
+            cursor = self._db.execute("INSERT INTO reservations (owner, key, cost_usd, created_at) VALUES (?, ?, ?, ?)",
+                                      (owner, "", cost_usd, time.time()))
+            return int(cursor.lastrowid or 0), None, totals
+
+    def release_owner(self, owner: str) -> None:
+        """Drop what ``owner`` still holds (its run ended)."""
+        with self._db:
+            self._db.execute("DELETE FROM claims WHERE owner = ?", (owner,))
+            self._db.execute("DELETE FROM reservations WHERE owner = ?", (owner,))
 
     def log_request(self, key: str, *, attempt: int, outcome: str, detail: str | None = None,
                     prompt_tokens: int = 0, completion_tokens: int = 0, cost_usd: float = 0.0,
-                    seconds: float = 0.0) -> None:
+                    seconds: float = 0.0, reservation: int | None = None) -> None:
         """Record one request that did not (yet) produce a judgement: a retry, a malformed reply."""
         with self._db:
             self._insert_request(key, attempt=attempt, outcome=outcome, detail=detail, prompt_tokens=prompt_tokens,
-                                 completion_tokens=completion_tokens, cost_usd=cost_usd, seconds=seconds)
+                                 completion_tokens=completion_tokens, cost_usd=cost_usd, seconds=seconds,
+                                 reservation=reservation)
 
     def _insert_request(self, key: str, *, attempt: int, outcome: str, detail: str | None = None,
                         prompt_tokens: int = 0, completion_tokens: int = 0, cost_usd: float = 0.0,
-                        seconds: float = 0.0) -> None:
+                        seconds: float = 0.0, reservation: int | None = None) -> None:
+        if reservation is not None:  # the request replaces its reservation in the budget, in one transaction
+            self._db.execute("DELETE FROM reservations WHERE id = ?", (reservation,))
         self._db.execute(
             "INSERT INTO requests (key, attempt, outcome, detail, prompt_tokens, completion_tokens, cost_usd, "
             "seconds, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",

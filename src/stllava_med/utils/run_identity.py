@@ -1,8 +1,9 @@
 """Run identity: a run directory belongs to the config that made it, and to one process at a time.
 
 The first process that starts a stage in a directory records ``run_identity.json`` there: the stage, the config's
-fingerprint (:func:`stllava_med.utils.config.config_fingerprint`: keys in ``run_dir_ignore`` left out) and the
-fingerprinted keys themselves. A later start in the same directory compares its own config with that record:
+fingerprint (as :func:`stllava_med.utils.config.config_fingerprint`: keys in ``run_dir_ignore`` left out, and
+the judge's budget and pacing, :data:`RESUMABLE`) and the fingerprinted keys themselves. A later start in the
+same directory compares its own config with that record:
 
 * the same fingerprint resumes (or reuses) the run, as before; keys in ``run_dir_ignore`` (progress bars, worker
   counts, checkpoint intervals, shard indices...) may differ;
@@ -40,6 +41,18 @@ IDENTITY_FILE = "run_identity.json"
 LOCK_FILE = ".run.lock"
 MISMATCH_POLICIES = ("error", "new")
 
+# Keys a rerun may change in the same directory although they are part of the directory's hash: they change how a
+# run proceeds, not what it produces. The judge's budget and pacing (raising expert.max_requests and rerunning the
+# same command is how a stopped judge continues; judgements are keyed by the expert model, prompt, image and
+# answers, not by these).
+RESUMABLE: dict[str, tuple[str, ...]] = {
+    "judge": ("expert.max_requests", "expert.max_cost_usd", "expert.concurrency", "expert.requests_per_minute",
+              "expert.tokens_per_minute", "expert.burst_s", "expert.max_retries", "expert.max_invalid_retries",
+              "expert.backoff_base_s", "expert.backoff_max_s", "expert.max_consecutive_failures", "expert.timeout_s",
+              "expert.price_input_per_mtok", "expert.price_output_per_mtok", "judge.retry_failed",
+              "judge.store_synchronous", "judge.limit"),
+}
+
 # Locks this process holds, by path: held until the process ends (a stage that returns, or fails, leaves the
 # directory to the next process then); a second claim from the same process (the pipeline, tests) is a no-op.
 _HELD: dict[str, IO[str]] = {}
@@ -63,8 +76,8 @@ def _mismatch_policy(cfg: DictConfig | Mapping[str, Any]) -> str:
     return policy
 
 
-def _identity_container(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
-    """The config the identity is made of: resolved, secrets redacted, ignored keys dropped."""
+def _identity_container(cfg: DictConfig | Mapping[str, Any], stage: str) -> dict[str, Any]:
+    """The config the identity is made of: resolved, secrets redacted, ignored (and :data:`RESUMABLE`) keys dropped."""
     from stllava_med.utils.config import fingerprinted_config, redact
 
     if isinstance(cfg, DictConfig):
@@ -72,7 +85,7 @@ def _identity_container(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
     else:
         container = dict(cfg)
     assert isinstance(container, dict)
-    return fingerprinted_config(redact(container))
+    return fingerprinted_config(redact(container), RESUMABLE.get(stage, ()))
 
 
 def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
@@ -88,7 +101,7 @@ def identity(cfg: DictConfig | Mapping[str, Any], stage: str) -> dict[str, Any]:
     """What ``run_identity.json`` holds for ``cfg``."""
     from stllava_med.utils.io import stable_hash
 
-    container = _identity_container(cfg)
+    container = _identity_container(cfg, stage)
     return {"stage": stage, "fingerprint": stable_hash(container, n=10), "config": _flatten(container)}
 
 
@@ -106,7 +119,7 @@ def differing_keys(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
     return lines
 
 
-def recorded_identity(run_dir: Path) -> tuple[dict[str, Any] | None, Path | None]:
+def recorded_identity(run_dir: Path, stage: str) -> tuple[dict[str, Any] | None, Path | None]:
     """The identity a directory was made with (``run_identity.json``, else one computed from its ``config.yaml``),
     and the file it comes from; (None, None) for a directory no stage has started in."""
     path = run_dir / IDENTITY_FILE
@@ -116,7 +129,7 @@ def recorded_identity(run_dir: Path) -> tuple[dict[str, Any] | None, Path | None
     if legacy.is_file():
         saved = OmegaConf.to_container(OmegaConf.load(legacy), resolve=False)
         assert isinstance(saved, dict)
-        return identity(saved, "?"), legacy
+        return identity(saved, stage), legacy
     return None, None
 
 
@@ -128,7 +141,7 @@ def check_identity(cfg: DictConfig | Mapping[str, Any], run_dir: Path, stage: st
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     with file_lock(run_dir / ".identity.lock"):  # two processes starting at once: one records, the other compares
-        recorded, source = recorded_identity(run_dir)
+        recorded, source = recorded_identity(run_dir, stage)
         if recorded is None:
             atomic_write_json(run_dir / IDENTITY_FILE, {**mine, "created": time.time()})
             return run_dir

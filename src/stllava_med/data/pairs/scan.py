@@ -35,7 +35,7 @@ from stllava_med.utils.io import atomic_write_json, load_json, sha256_file, stab
 
 log = logging.getLogger(__name__)
 
-SCAN_VERSION = 1
+SCAN_VERSION = 2  # 2: no_image, chosen = rejected up to case / whitespace, full decode under skip
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -238,6 +238,8 @@ def scan_one(line: str, shard_index: int, shard: Path, lineno: int, measurer: Pa
         handle_bad(report, settings.on_bad_pair, problem, where, ", ".join(map(str, images)) if problem == "missing_image" else "")
         return {"skip": (problem, report.examples[0])}
     try:
+        if settings.on_bad_pair == "skip" and images:  # decode it all now: a truncated file is skipped here,
+            load_image(images[0], record_id=pair.id)     # counted, not a crash in the collator hours later
         lengths = measurer.measure(pair, images)
     except (ImageError, OSError) as err:  # PIL's UnidentifiedImageError is an OSError
         handle_bad(report, settings.on_bad_pair, "bad_image", where, str(err))
