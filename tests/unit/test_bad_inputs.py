@@ -223,3 +223,12 @@ def test_judge_takes_a_finished_generation(tmp_path):
     done = _judge(run, tmp_path / "judge")
     assert done.returncode == 0, done.stderr[-3000:]
     assert "partial" not in done.stdout + done.stderr
+
+
+def test_instruct_limit_zero_refused():
+    from stllava_med.data.instruct import load_conversations
+
+    with pytest.raises(ValueError, match=r"^data.sets.inst.limit must be an integer >= 1, or null for every "
+                                         r"question; got 0$"):
+        load_conversations("inst", {"format": "llava_med_instruct", "path": str(SAMPLE / "trainset.json"),
+                                            "image_folder": str(SAMPLE / "images"), "limit": 0})

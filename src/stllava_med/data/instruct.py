@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from stllava_med.chat import Turn
-from stllava_med.data.vqa import ImageError, LoadReport, VQARecord, load_vqa
+from stllava_med.data.vqa import ImageError, LoadReport, VQARecord, check_limit, load_vqa
 from stllava_med.utils.io import load_json, read_jsonl
 
 log = logging.getLogger(__name__)
@@ -249,7 +249,8 @@ def load_conversations(name: str, spec: Mapping[str, Any], *, vqa_grouping: str 
             if not spec.get(key):
                 raise ValueError(f"data.{name}: missing {key!r} for format {spec['format']!r}")
         return load_instruct(spec["path"], spec["image_folder"], dataset=name,
-                             on_missing_image=str(spec.get("on_missing_image", "error")), limit=spec.get("limit"))
+                             on_missing_image=str(spec.get("on_missing_image", "error")),
+                             limit=check_limit(spec.get("limit"), f"data.sets.{name}.limit"))
     records, report = load_vqa(spec)
     grouping = str(spec.get("grouping") or vqa_grouping)
     conversations = vqa_to_conversations(records, dataset=name, grouping=grouping,

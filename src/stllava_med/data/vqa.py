@@ -480,11 +480,8 @@ def load_vqa(spec: Mapping[str, Any]) -> tuple[list[VQARecord], LoadReport]:
     expected = ExpectedCounts.from_config(spec.get("expect_counts"), f"data.sets.{name}.expect_counts")
     if expected is not None:  # the whole file, before a limit= smoke subset
         check_counts(records, expected, name=name, report=report)
-    limit = spec.get("limit")
-    if limit is not None:  # 0 is not "everything": null is
-        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
-            raise ValueError(f"data.sets.{name}.limit must be an integer >= 1, or null for every question; got "
-                             f"{limit!r}")
+    limit = check_limit(spec.get("limit"), f"data.sets.{name}.limit")
+    if limit is not None:
         records = records[:limit]
     if not records:
         raise EmptyDataset(f"{report.source}: data.sets.{name} holds no questions: {_dropped(report)}")
@@ -493,6 +490,13 @@ def load_vqa(spec: Mapping[str, Any]) -> tuple[list[VQARecord], LoadReport]:
     if duplicated:
         raise ValueError(f"{report.source}: duplicate record ids {duplicated[:5]}")
     return records, report
+
+
+def check_limit(limit: Any, where: str) -> int | None:
+    """A dataset's ``limit``: an integer >= 1, or None for every record (0 is not "everything": null is)."""
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"{where} must be an integer >= 1, or null for every question; got {limit!r}")
+    return limit
 
 
 def dataset_specs(sets: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
