@@ -16,6 +16,7 @@ import torch
 from stllava_med.backbone import Backbone
 from stllava_med.chat import tokenizer_kwargs
 from stllava_med.families import UnsupportedFamilyFeature, family_of, processor_family
+from stllava_med.shared_decoding import decode_shared
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
@@ -98,14 +99,19 @@ def supports_shared_prefix(model: Any) -> bool:
 
 
 def sample_sequences(backbone: Any, prompts: Sequence[str], images: Sequence[Any], *, k: int, max_new_tokens: int,
-                     shared_prefix: bool = True, questioner: bool = False, **sampling: Any) -> list[str]:
+                     shared_prefix: bool = True, questioner: bool = False, drop_finished: bool = True,
+                     **sampling: Any) -> list[str]:
     """``k`` sampled continuations per prompt, ``k`` consecutive entries per prompt.
 
     With ``shared_prefix`` each prompt and its image are encoded once: one forward pass fills the KV cache for
     the batch, the cache is repeated ``k`` times, and decoding continues from it. ``generate``'s own
     ``num_return_sequences`` repeats the *inputs* instead, so the vision tower and the prompt prefill run ``k``
     times — the dominant cost for short answers to prompts with hundreds of image tokens. Both give the same
-    text for the same seed (tested)."""
+    text for the same seed (tested).
+
+    ``drop_finished`` (shared prefix only): decode with :func:`stllava_med.shared_decoding.decode_shared`, which
+    runs only the rows still decoding (finished answers leave the cache) and samples what ``generate``'s own loop
+    samples from the same cache (tested); False: ``generate``'s loop (the reference)."""
     if not shared_prefix or k == 1:
         return generate_batch(backbone, prompts, images, max_new_tokens=max_new_tokens, do_sample=True,
                               num_return_sequences=k, questioner=questioner, **sampling)
@@ -121,7 +127,8 @@ def sample_sequences(backbone: Any, prompts: Sequence[str], images: Sequence[Any
     # generate() derives positions from the mask the same way; the prefill must agree with it. 3-D rope
     # families compute theirs (and the offsets generate() continues from) inside the model's forward.
     positions: dict[str, Any] = {}
-    if not family_of(model).rope_index:
+    rope_index = family_of(model).rope_index
+    if not rope_index:
         positions["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, :-1]
     was_training = model.training
     model.eval()
@@ -132,12 +139,17 @@ def sample_sequences(backbone: Any, prompts: Sequence[str], images: Sequence[Any
                             use_cache=True, **positions, **_prefix_extras(extra, input_ids.shape[1] - 1))
             cache = prefill.cache
             cache.batch_repeat_interleave(k)
+            stop = stop_settings(backbone, questioner=questioner)
             _repeat_rope_deltas(model, k)
             output = model.generate(
                 input_ids=input_ids.repeat_interleave(k, dim=0),
                 attention_mask=attention_mask.repeat_interleave(k, dim=0),
                 cache=cache, max_new_tokens=max_new_tokens, do_sample=True,
-                **stop_settings(backbone, questioner=questioner),
+                # generate()'s loop for 3-D rope positions (rope_deltas live on the model, per row) and stop
+                # strings (generate() hands a custom decoding method no tokenizer for them)
+                **({"custom_generate": decode_shared}
+                   if drop_finished and not rope_index and "stop_strings" not in stop else {}),
+                **stop,
                 **{key: value for key, value in sampling.items() if value is not None},
             )
     finally:
