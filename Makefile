@@ -16,7 +16,7 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: help install lock test test-fast lint demo bench clean
+.PHONY: help install lock test test-fast lint demo bench device-check clean
 
 help:
 	@echo "make install - .venv with the locked stack ($(LOCK)) and the package (editable)"
@@ -25,6 +25,7 @@ help:
 	@echo "make test   - the test suite (unit + integration, offline)"
 	@echo "make lint   - ruff"
 	@echo "make bench  - benchmarks/ (installs the 'bench' extra: trl)"
+	@echo "make device-check - the GPU check on one H100/H200 (benchmarks/device_check.sh; JSON in logs/)"
 
 # Re-installs whenever the lock or the package metadata changes. The lock holds every dependency with its
 # hashes; the package itself goes on top without resolving anything (built with the locked setuptools).
@@ -65,6 +66,11 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m pip install -q -e ".[dev,bench]"
 	$(PY) benchmarks/run_all.py
+
+# One CUDA device, < 8 minutes, nothing downloaded: a 7B-shaped LLaVA with random weights (benchmarks/device_check.py)
+device-check: $(STAMP)
+	$(PY) -m pip install -q -e ".[dev,bench]"
+	PYTHON=$(PY) bash benchmarks/device_check.sh
 
 clean:
 	rm -rf logs/* data/backbones data/cache .pytest_cache

@@ -3,13 +3,19 @@ batch size, precision, LoRA and learning rate, one epoch each, end to end (refer
 
     python benchmarks/bench_dpo_vs_trl.py                 # CPU, ~2-3 minutes
     python benchmarks/bench_dpo_vs_trl.py --pairs 128 --threads 4
+    python benchmarks/bench_dpo_vs_trl.py --shape bench paper_tiny --pairs 32 --repeats 2   # the paper's shape too
     python benchmarks/bench_dpo_vs_trl.py --device cuda --shape llava7b --pairs 64 --batch-size 4   # GPU
 
 Shape (``--shape bench``, default): a LLaVA built from configs with real proportions — 224 px images, patch
 14 → 256 image tokens per image, vision hidden 128, text hidden 256 — and the bundled VQA-RAD sample's real
 images and text. Each pair's prompt asks for the findings; the chosen answer lists the image's findings as
 question/answer sentences from VQA-RAD, the rejected one the same sentences with wrong answers (from the
-ground-truth pair builder), 10–100 tokens. ``--shape llava7b`` builds a 7B-shaped LLaVA-1.5 (random weights,
+ground-truth pair builder), 10–100 tokens. ``--shape paper_tiny`` has the paper's input shape with small hidden
+sizes (CPU): 336 px images, patch 14 → 576 image tokens, LLaVA-1.5's projector (2-layer MLP, GELU), the official
+DPO template's system text (``v1``: conv_vicuna_v1, as ``dpo_finetune.sh --version v1``) and answers of 100–400
+tokens, as long as self-generated ones (an image's findings followed by the next images'). Several shapes in one
+run (``--shape bench paper_tiny``) alternate within each round and end with a table of the ratios by shape.
+``--shape llava7b`` builds a 7B-shaped LLaVA-1.5 (random weights,
 CLIP ViT-L/14-336 + LLaMA-7B dimensions, 576 image tokens, bf16) for a GPU; that path has not been run yet (no GPU
 was available when the benchmark was written).
 
@@ -57,9 +63,28 @@ def bench_backbone(shape: str) -> Path:
                         text_hidden=256, text_layers=2, text_heads=4, text_kv_heads=2, text_intermediate=512,
                         corpus=corpus)
         return ensure_tiny_backbone(REPO / "data" / "backbones" / "bench-224", spec)
+    if shape == "paper_tiny":
+        # the paper's input shape with small hidden sizes: CLIP-336 / patch 14 (576 image tokens), LLaVA-1.5's
+        # projector (2-layer MLP, GELU: the tiny builder's), positions for 576 + prompt + 400-token answers
+        spec = TinySpec(seed=0, image_size=336, patch_size=14, vision_hidden=128, vision_layers=2, vision_heads=2,
+                        text_hidden=256, text_layers=2, text_heads=4, text_kv_heads=2, text_intermediate=512,
+                        max_positions=2048, corpus=corpus)
+        return ensure_tiny_backbone(REPO / "data" / "backbones" / "bench-paper-336", spec)
     if shape == "llava7b":
         return build_llava7b(REPO / "data" / "backbones" / "llava7b-random")
     raise ValueError(shape)
+
+
+# answer lengths (tokens) and system text per shape: paper_tiny has the official DPO template's system text
+# (conv_vicuna_v1, the "v1" preset: dpo_finetune.sh --version v1) and answers as long as self-generated ones
+ANSWER_TOKENS = {"bench": (10, 100), "llava7b": (10, 100), "paper_tiny": (100, 400)}
+SYSTEM = {"bench": None, "llava7b": None, "paper_tiny": "v1"}
+
+
+def chat_format(shape: str) -> Any:
+    from stllava_med.chat import ChatFormat
+
+    return ChatFormat(system_prompt=SYSTEM[shape])
 
 
 def build_llava7b(path: Path) -> Path:
@@ -86,7 +111,8 @@ def build_llava7b(path: Path) -> Path:
                          image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
                          vision_feature_select_strategy="default", vision_feature_layer=-2)
     torch.manual_seed(0)
-    model = LlavaForConditionalGeneration._from_config(config, dtype=torch.bfloat16)  # ~14 GB, built in bf16
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):  # random init of 7B: seconds on a GPU
+        model = LlavaForConditionalGeneration._from_config(config, dtype=torch.bfloat16)  # ~14 GB, built in bf16
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path)
     processor.patch_size = 14
@@ -94,8 +120,9 @@ def build_llava7b(path: Path) -> Path:
     return path
 
 
-def build_pairs(n_pairs: int, out: Path, tokenizer: Any) -> Path:
-    """Findings-style pairs from the VQA-RAD sample (real images and text); answers of 10-100 tokens."""
+def build_pairs(n_pairs: int, out: Path, tokenizer: Any, answer_tokens: tuple[int, int] = (10, 100)) -> Path:
+    """Findings-style pairs from the VQA-RAD sample (real images and text); answers of 10-100 tokens, or of
+    ``answer_tokens`` when the lower bound is above 10 (long answers: see :func:`long_answers`)."""
     import hashlib
 
     from stllava_med.data.preference import PreferencePair, vqa_ground_truth_pairs, write_shards
@@ -112,6 +139,8 @@ def build_pairs(n_pairs: int, out: Path, tokenizer: Any) -> Path:
     def tokens(text: str) -> int:
         return len(tokenizer(text + tokenizer.eos_token, add_special_tokens=False).input_ids)
 
+    if answer_tokens[0] > 10:
+        return long_answers(n_pairs, out, records, wrong, by_image, images, tokens, answer_tokens)
     pairs = []
     for index in range(n_pairs):
         image = images[index % len(images)]
@@ -127,6 +156,39 @@ def build_pairs(n_pairs: int, out: Path, tokenizer: Any) -> Path:
                 break
             chosen_facts = candidate
             if len(chosen_facts) >= wanted and min(tokens(chosen), tokens(rejected)) >= 10:
+                break
+        chosen = " ".join(f"{r.question} {str(r.answer).strip()}." for r in chosen_facts)
+        rejected = " ".join(f"{r.question} {wrong[f'r-{r.id}']}." for r in chosen_facts)
+        pairs.append(PreferencePair(id=f"bench-{index}", images=[image], prompt=PROMPT, chosen=chosen,
+                                    rejected=rejected, source="bench/vqa_rad_sample"))
+    write_shards(pairs, out, prefix="bench")
+    return out
+
+
+def long_answers(n_pairs: int, out: Path, records: list[Any], wrong: dict[str, str], by_image: dict[str, list[Any]],
+                 images: list[str], tokens: Any, bounds: tuple[int, int]) -> Path:
+    """Pairs whose answers are ``bounds`` tokens long (a length drawn per pair), as self-generated answers are: the
+    image's findings, then those of the next images (one image has ~10 findings, ~120 tokens), as question /
+    answer sentences; the rejected answer the same sentences with wrong answers."""
+    import hashlib
+
+    from stllava_med.data.preference import PreferencePair, write_shards
+
+    pairs = []
+    for index in range(n_pairs):
+        image = images[index % len(images)]
+        digest = int(hashlib.sha256(f"long-{index}".encode()).hexdigest(), 16)
+        target = bounds[0] + digest % (bounds[1] - bounds[0] + 1)
+        facts = [r for j in range(len(images)) for r in by_image[images[(index + j) % len(images)]]]
+        chosen_facts: list[Any] = []
+        for fact in facts:
+            candidate = [*chosen_facts, fact]
+            chosen = " ".join(f"{r.question} {str(r.answer).strip()}." for r in candidate)
+            rejected = " ".join(f"{r.question} {wrong[f'r-{r.id}']}." for r in candidate)
+            if max(tokens(chosen), tokens(rejected)) > bounds[1]:
+                break
+            chosen_facts = candidate
+            if min(tokens(chosen), tokens(rejected)) >= target:
                 break
         chosen = " ".join(f"{r.question} {str(r.answer).strip()}." for r in chosen_facts)
         rejected = " ".join(f"{r.question} {wrong[f'r-{r.id}']}." for r in chosen_facts)
@@ -214,7 +276,6 @@ def run_ours(args: argparse.Namespace, model_dir: Path, pairs_dir: Path, work: P
     from lightning.pytorch import Trainer
 
     from stllava_med.backbone import LoraSettings, apply_lora, load_backbone
-    from stllava_med.chat import ChatFormat
     from stllava_med.data.pairs.datamodule import PreferenceDataModule
     from stllava_med.data.pairs.scan import processor_fingerprint
     from stllava_med.data.pairs.settings import PreferenceDataSettings
@@ -245,13 +306,13 @@ def run_ours(args: argparse.Namespace, model_dir: Path, pairs_dir: Path, work: P
                                           max_length=4096, num_workers=args.workers, progress=False,
                                           scan_cache_dir=str(work / "scan"), seed=args.seed,
                                           shuffle_buffer=1)  # file order, as TRL's sequential sampler below
-        datamodule = PreferenceDataModule(settings, backbone.processor, ChatFormat())
+        datamodule = PreferenceDataModule(settings, backbone.processor, chat_format(args.shape))
         datamodule.setup("fit")
         policy_reference = AdapterOffReference(backbone.model, prefix_sharing=args.prefix_sharing)
         if args.reference == "precomputed":
             cache = ReferenceCache(work / "reference", data_fingerprint=datamodule.data_fingerprint,
                                    reference=reference_fingerprint(str(model_dir), settings={"dtype": dtype}),
-                                   processor=processor_fingerprint(backbone.processor, ChatFormat()),
+                                   processor=processor_fingerprint(backbone.processor, chat_format(args.shape)),
                                    max_length=settings.max_length)
             reference: Any = PrecomputedReference(
                 cache, policy_reference, datamodule.digests,
@@ -262,10 +323,12 @@ def run_ours(args: argparse.Namespace, model_dir: Path, pairs_dir: Path, work: P
         module = DPOModule(backbone.model, reference, DPOSettings(beta=0.1, prefix_sharing=args.prefix_sharing),
                            {"lr": args.lr, "projector_lr": args.lr, "warmup_ratio": 0.0})
         losses: list[float] = []
+        step_ends: list[float] = []  # when each optimizer step's loss was recorded (device_check: per-step times)
 
         class Record(__import__("lightning").pytorch.Callback):
             def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):  # noqa: ANN001
-                losses.append(float(outputs["loss"]))
+                losses.append(float(outputs["loss"]))  # float(): waits for the step on a GPU
+                step_ends.append(time.perf_counter())
 
         trainer = Trainer(accelerator="gpu" if args.device == "cuda" else "cpu", devices=1, max_epochs=1,
                           precision="bf16-true" if args.shape == "llava7b" else "32-true", logger=False,
@@ -278,6 +341,7 @@ def run_ours(args: argparse.Namespace, model_dir: Path, pairs_dir: Path, work: P
     return {"name": f"ours ({args.reference}, prefix sharing {'on' if args.prefix_sharing else 'off'})",
             "seconds": elapsed, "pairs": len(datamodule.train_entries), "steps": len(losses),
             "first_loss": losses[0], "mean_loss": sum(losses) / len(losses), "losses": losses, "lora_init": lora_init,
+            "step_seconds": [b - a for a, b in zip(step_ends, step_ends[1:])],
             "peak_rss_mb": memory.peak_increase_mb,
             "peak_cuda_mb": torch.cuda.max_memory_allocated() / 2**20 if args.device == "cuda" else None}
 
@@ -291,7 +355,7 @@ def run_trl(args: argparse.Namespace, model_dir: Path, pairs_dir: Path, work: Pa
     from trl import DPOConfig, DPOTrainer
 
     from stllava_med.backbone import LoraSettings, load_backbone
-    from stllava_med.chat import ChatFormat, prompt_text, vqa_turns
+    from stllava_med.chat import prompt_text, vqa_turns
     from stllava_med.data.preference import iter_pairs, resolve_image, resolve_shards
 
     dtype = "bfloat16" if args.shape == "llava7b" else "float32"
@@ -310,17 +374,20 @@ def run_trl(args: argparse.Namespace, model_dir: Path, pairs_dir: Path, work: Pa
         for pair, shard, _ in iter_pairs(resolve_shards(pairs_dir)):
             # The same rendered prompt and target tokens as ours: TRL tokenises prompt and completion apart.
             columns["images"].append([str(resolve_image(pair.images[0], shard))])
-            columns["prompt"].append(prompt_text(processor, vqa_turns(pair.prompt), "assistant", ChatFormat()))
+            columns["prompt"].append(prompt_text(processor, vqa_turns(pair.prompt), "assistant",
+                                                 chat_format(args.shape)))
             columns["chosen"].append(pair.chosen + eos)
             columns["rejected"].append(pair.rejected + eos)
         # images as paths, decoded on access, like a hub dataset (no up-front decoding in TRL's favour or against)
         dataset = Dataset.from_dict(columns).cast_column("images", List(HFImage()))
         losses: list[float] = []
+        step_ends: list[float] = []
 
         class Record(TrainerCallback):
             def on_log(self, a, state, control, logs=None, **kwargs):  # noqa: ANN001
                 if logs and "loss" in logs:
                     losses.append(float(logs["loss"]))
+                    step_ends.append(time.perf_counter())
 
         config = DPOConfig(
             output_dir=str(work / "trl"), per_device_train_batch_size=args.batch_size, num_train_epochs=1,
@@ -342,6 +409,7 @@ def run_trl(args: argparse.Namespace, model_dir: Path, pairs_dir: Path, work: Pa
     return {"name": "TRL DPOTrainer (PEFT: reference = adapter off, every step)", "seconds": elapsed,
             "pairs": len(dataset), "steps": len(losses), "first_loss": losses[0],
             "mean_loss": sum(losses) / len(losses), "losses": losses, "lora_init": lora_init,
+            "step_seconds": [b - a for a, b in zip(step_ends, step_ends[1:])],
             "peak_rss_mb": memory.peak_increase_mb,
             "peak_cuda_mb": torch.cuda.max_memory_allocated() / 2**20 if args.device == "cuda" else None}
 
@@ -384,7 +452,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1, help="rounds (TRL and ours alternate); medians reported")
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--shape", choices=["bench", "llava7b"], default="bench")
+    parser.add_argument("--shape", choices=["bench", "paper_tiny", "llava7b"], nargs="+", default=["bench"],
+                        help="one or more shapes, measured in the same rounds; a summary of the ratios follows")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--ours", default="adapter_off:on,precomputed:on,adapter_off:off",
                         help="our variants, reference:prefix-sharing, comma separated")
@@ -396,63 +465,81 @@ def main() -> None:
     parser.add_argument("--pairs-dir", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.contender:
+        args.shape = args.shape[0]
         child(args)
         return
 
     import statistics
 
-    model_dir = bench_backbone(args.shape)
+    shapes = list(dict.fromkeys(args.shape))
     runs = [("trl", "-", "-")] + [("ours", *v.split(":")) for v in args.ours.split(",") if v]
-    results: dict[int, list[dict[str, Any]]] = {i: [] for i in range(len(runs))}
+    results: dict[tuple[str, int], list[dict[str, Any]]] = {(sh, i): [] for sh in shapes for i in range(len(runs))}
+    summaries: dict[str, str] = {}
     with tempfile.TemporaryDirectory(prefix="bench-dpo-") as tmp:
         work = Path(tmp)
         from stllava_med.backbone import load_processor
 
-        pairs_dir = build_pairs(args.pairs, work / "pairs", load_processor(str(model_dir)).tokenizer)
-        shape = shape_summary(model_dir, pairs_dir)
+        model_dirs, pairs_dirs = {}, {}
+        for shape in shapes:
+            model_dirs[shape] = bench_backbone(shape)
+            pairs_dirs[shape] = build_pairs(args.pairs, work / f"pairs-{shape}",
+                                            load_processor(str(model_dirs[shape])).tokenizer, ANSWER_TOKENS[shape])
+            summaries[shape] = shape_summary(model_dirs[shape], pairs_dirs[shape])
         for round_index in range(args.repeats):
-            for index, (contender, reference, sharing) in enumerate(runs):
-                run_work = work / f"r{round_index}-{index}"
-                run_work.mkdir()
-                command = [sys.executable, __file__, "--contender", contender, "--reference", reference,
-                           "--prefix-sharing", sharing, "--work", str(run_work), "--model-dir", str(model_dir),
-                           "--pairs-dir", str(pairs_dir), "--batch-size", str(args.batch_size),
-                           "--threads", str(args.threads), "--workers", str(args.workers), "--lr", str(args.lr),
-                           "--seed", str(args.seed), "--shape", args.shape, "--device", args.device]
-                proc = subprocess.run(command, capture_output=True, text=True)
-                lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-                if proc.returncode != 0 or not lines:
-                    sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
-                    raise SystemExit(f"{contender} failed (exit {proc.returncode})")
-                result = json.loads(lines[-1][len("RESULT "):])
-                result["pairs_per_s"] = result["pairs"] / result["seconds"]
-                results[index].append(result)
-                print(f"  round {round_index + 1}: {result['name']}: {result['pairs_per_s']:.2f} pairs/s, "
-                      f"peak +{result['peak_rss_mb']:.0f} MB", flush=True)
+            for shape in shapes:
+                for index, (contender, reference, sharing) in enumerate(runs):
+                    run_work = work / f"r{round_index}-{shape}-{index}"
+                    run_work.mkdir()
+                    command = [sys.executable, __file__, "--contender", contender, "--reference", reference,
+                               "--prefix-sharing", sharing, "--work", str(run_work),
+                               "--model-dir", str(model_dirs[shape]), "--pairs-dir", str(pairs_dirs[shape]),
+                               "--batch-size", str(args.batch_size), "--threads", str(args.threads),
+                               "--workers", str(args.workers), "--lr", str(args.lr), "--seed", str(args.seed),
+                               "--shape", shape, "--device", args.device]
+                    proc = subprocess.run(command, capture_output=True, text=True)
+                    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+                    if proc.returncode != 0 or not lines:
+                        sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
+                        raise SystemExit(f"{contender} failed (exit {proc.returncode})")
+                    result = json.loads(lines[-1][len("RESULT "):])
+                    result["pairs_per_s"] = result["pairs"] / result["seconds"]
+                    results[shape, index].append(result)
+                    print(f"  round {round_index + 1}, {shape}: {result['name']}: {result['pairs_per_s']:.2f} "
+                          f"pairs/s, peak +{result['peak_rss_mb']:.0f} MB", flush=True)
 
     import torch
 
     device = torch.cuda.get_device_name(0) if args.device == "cuda" else f"CPU ({os.cpu_count()} cores), {args.threads} threads"
-    trl = results[0]
-    print(f"\nDPO, one epoch of {trl[0]['pairs']} pairs, batch {args.batch_size}, {args.shape} shape ({shape}), "
-          f"{device}, {args.workers} dataloader workers, {args.repeats} round(s), medians:")
-    same_init = len({r["lora_init"] for rounds in results.values() for r in rounds}) == 1
-    print(f"identical LoRA initialisation for all runs: {'yes' if same_init else 'NO'}")
-    header = ("| run | pairs/s | vs TRL | seconds | steps | mean loss | max step-loss gap to TRL | peak memory above start (MB) |"
-              + (" peak CUDA (MB) |" if args.device == "cuda" else ""))
-    print(header)
-    print("|" + "---|" * (header.count("|") - 1))
-    for index in results:
-        rounds = results[index]
-        ratio = statistics.median(r["pairs_per_s"] / t["pairs_per_s"] for r, t in zip(rounds, trl))
-        med = {k: statistics.median(r[k] for r in rounds) for k in ("pairs_per_s", "seconds", "peak_rss_mb")}
-        first = rounds[0]
-        gap = max(abs(a - b) for a, b in zip(first["losses"], trl[0]["losses"]))
-        row = (f"| {first['name']} | {med['pairs_per_s']:.2f} | {ratio:.2f}x | {med['seconds']:.1f} | "
-               f"{first['steps']} | {first['mean_loss']:.4f} | {gap:.1e} | {med['peak_rss_mb']:.0f} |")
-        if args.device == "cuda":
-            row += f" {statistics.median(r['peak_cuda_mb'] for r in rounds):.0f} |"
-        print(row)
+    ratios: dict[str, list[float]] = {}
+    for shape in shapes:
+        trl = results[shape, 0]
+        print(f"\nDPO, one epoch of {trl[0]['pairs']} pairs, batch {args.batch_size}, {shape} shape "
+              f"({summaries[shape]}), {device}, {args.workers} dataloader workers, {args.repeats} round(s), medians:")
+        same_init = len({r["lora_init"] for i in range(len(runs)) for r in results[shape, i]}) == 1
+        print(f"identical LoRA initialisation for all runs: {'yes' if same_init else 'NO'}")
+        header = ("| run | pairs/s | vs TRL | seconds | steps | mean loss | max step-loss gap to TRL | peak memory above start (MB) |"
+                  + (" peak CUDA (MB) |" if args.device == "cuda" else ""))
+        print(header)
+        print("|" + "---|" * (header.count("|") - 1))
+        for index in range(len(runs)):
+            rounds = results[shape, index]
+            ratio = statistics.median(r["pairs_per_s"] / t["pairs_per_s"] for r, t in zip(rounds, trl))
+            ratios.setdefault(shape, []).append(ratio)
+            med = {k: statistics.median(r[k] for r in rounds) for k in ("pairs_per_s", "seconds", "peak_rss_mb")}
+            first = rounds[0]
+            gap = max(abs(a - b) for a, b in zip(first["losses"], trl[0]["losses"]))
+            row = (f"| {first['name']} | {med['pairs_per_s']:.2f} | {ratio:.2f}x | {med['seconds']:.1f} | "
+                   f"{first['steps']} | {first['mean_loss']:.4f} | {gap:.1e} | {med['peak_rss_mb']:.0f} |")
+            if args.device == "cuda":
+                row += f" {statistics.median(r['peak_cuda_mb'] for r in rounds):.0f} |"
+            print(row)
+    if len(shapes) > 1:
+        print("\nRatio to TRL's pairs/s by shape (same rounds, medians of per-round ratios):\n")
+        names = [results[shapes[0], i][0]["name"] for i in range(1, len(runs))]
+        print("| shape | " + " | ".join(names) + " |")
+        print("|---|" + "---:|" * len(names))
+        for shape in shapes:
+            print(f"| {shape} ({summaries[shape]}) | " + " | ".join(f"{r:.2f}x" for r in ratios[shape][1:]) + " |")
 
 
 if __name__ == "__main__":

@@ -87,14 +87,14 @@ def run(mode: str, backbone, prompts, images, k: int, args, seed: int) -> tuple[
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--images", type=int, default=8)
+    parser.add_argument("--images", type=int, default=4)
     parser.add_argument("--questions", type=int, default=2, help="questions per image")
     parser.add_argument("--k", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--min-tokens", type=int, default=64)
     parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--stop-every", type=int, default=64, help="every N-th token id also ends an answer")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=0, help="untimed rounds first")
     parser.add_argument("--batch", type=int, default=8, help="questions per call (the stage's answer_batch_size)")
     parser.add_argument("--spec", choices=["paper336", "default"], default="paper336")
     parser.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of the modes")
@@ -158,9 +158,10 @@ def main() -> None:
     print("|---:|" + "---:|" * (2 * len(modes) - 1))
     for k in args.k:
         rate = {m: statistics.median(len(prompts) * k / s for s in seconds[k, m]) for m in modes}
-        ratios = [statistics.median(b / a for a, b in zip(seconds[k, modes[0]], seconds[k, m])) for m in modes[1:]]
+        per_round = [[b / a for a, b in zip(seconds[k, modes[0]], seconds[k, m])] for m in modes[1:]]
         print(f"| {k} | " + " | ".join(f"{rate[m]:.2f}" for m in modes)
-              + "".join(f" | {r:.2f}x" for r in ratios) + " |")
+              + "".join(f" | {statistics.median(r):.2f}x ({min(r):.2f}-{max(r):.2f})" for r in per_round) + " |")
+    print("\n(ratios: median over rounds, the rounds' range in brackets)")
 
 
 if __name__ == "__main__":
