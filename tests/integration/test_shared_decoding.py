@@ -72,3 +72,23 @@ def test_unsupported_settings_take_generates_loop(batch, setting):
     reference, reference_after, _ = _sample(backbone, prompts, images, 1, False, **setting)
     assert call["decoder"].startswith("generate (logits processor ")
     assert fast == reference and fast_after == reference_after
+
+
+def test_fast_path_through_a_lora_adapter(tiny_backbone_path, batch):
+    """A PEFT-wrapped policy (generation with a trained adapter): the loop calls the model with the adapter on."""
+    from stllava_med.backbone import load_backbone
+
+    _, prompts, images = batch
+    backbone = load_backbone({"name_or_path": str(tiny_backbone_path), "name": "tiny",
+                              "lora": {"enabled": True, "r": 8, "alpha": 16}}, with_lora=True)
+    for name, param in backbone.model.named_parameters():
+        if "lora_B" in name:  # a non-zero adapter, so that it changes the samples
+            torch.nn.init.normal_(param, std=0.05)
+    backbone.model.generation_config.eos_token_id = [backbone.processor.tokenizer.eos_token_id, *range(20, 60)]
+    fast, fast_after, call = _sample(backbone, prompts, images, 2, True)
+    reference, reference_after, _ = _sample(backbone, prompts, images, 2, False)
+    with backbone.model.disable_adapter():
+        base, _, _ = _sample(backbone, prompts, images, 2, True)
+    assert call["decoder"] == "shared"
+    assert fast == reference and fast_after == reference_after
+    assert fast != base  # the adapter was on
