@@ -41,6 +41,7 @@ from stllava_med.utils.config import (
     check_against_schema,
     command_line_overrides,
     config_fingerprint,
+    leaves,
     logger_names,
     project_root,
     save_config,
@@ -77,15 +78,6 @@ _PIPELINE_ONLY = ("enabled", "overrides")
 _PIPELINE_SET = ("backbone", "paths", "expert")
 
 
-def _leaves(node: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(node, dict) and node:
-        out: dict[str, Any] = {}
-        for key, value in node.items():
-            out.update(_leaves(value, f"{prefix}{key}."))
-        return out
-    return {prefix[:-1]: node}
-
-
 def _cli_keys(stage: str) -> set[str]:
     """Keys under ``stages.<stage>.`` that the pipeline's command line set (even to their schema default)."""
     try:
@@ -113,8 +105,8 @@ def stage_settings(cfg: DictConfig, stage: str) -> dict[str, Any]:
         given.pop(key, None)
         default.pop(key, None)
     named = _cli_keys(stage)
-    default_leaves = _leaves(default)
-    return {key: value for key, value in _leaves(given).items()
+    default_leaves = leaves(default)
+    return {key: value for key, value in leaves(given).items()
             if key in named or any(key.startswith(f"{n}.") for n in named)
             or key not in default_leaves or default_leaves[key] != value}
 
@@ -132,8 +124,8 @@ def _stage_backbone(stage: str, overrides: list[str], stage_cfg: DictConfig, bac
         return backbone
     plain = OmegaConf.to_container(compose_stage(stage, []).backbone, resolve=False)
     changed = OmegaConf.to_container(stage_cfg.backbone, resolve=False)
-    base_leaves = _leaves(plain)
-    for key, value in _leaves(changed).items():
+    base_leaves = leaves(plain)
+    for key, value in leaves(changed).items():
         if key.split(".", 1)[0] in _PIPELINE_BACKBONE_KEYS or base_leaves.get(key, object()) == value:
             continue
         OmegaConf.update(result, key, value, merge=True, force_add=True)

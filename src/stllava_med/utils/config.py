@@ -365,6 +365,16 @@ def flat_config(cfg: DictConfig | Mapping[str, Any], sep: str = ".") -> dict[str
     return flat
 
 
+def leaves(node: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested dict as ``{"a.b.c": value}`` (non-empty dicts are descended into; lists and empty dicts are values)."""
+    if isinstance(node, dict) and node:
+        out: dict[str, Any] = {}
+        for key, value in node.items():
+            out.update(leaves(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: node}
+
+
 def logger_names(logger_cfg: Mapping[str, Any] | None) -> list[str]:
     """The enabled entries of a ``logger`` group selection (``logger=[csv,tensorboard]`` -> csv, tensorboard)."""
     return [str(name) for name, entry in dict(logger_cfg or {}).items()

@@ -88,21 +88,14 @@ def _identity_container(cfg: DictConfig | Mapping[str, Any], stage: str) -> dict
     return fingerprinted_config(redact(container), RESUMABLE.get(stage, ()))
 
 
-def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(node, dict) and node:
-        flat: dict[str, Any] = {}
-        for key, value in node.items():
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        return flat
-    return {prefix[:-1]: node}
-
-
 def identity(cfg: DictConfig | Mapping[str, Any], stage: str) -> dict[str, Any]:
     """What ``run_identity.json`` holds for ``cfg``."""
     from stllava_med.utils.io import stable_hash
 
     container = _identity_container(cfg, stage)
-    return {"stage": stage, "fingerprint": stable_hash(container, n=10), "config": _flatten(container)}
+    from stllava_med.utils.config import leaves  # utils.config imports this module
+
+    return {"stage": stage, "fingerprint": stable_hash(container, n=10), "config": leaves(container)}
 
 
 def _show(value: Any) -> str:
