@@ -148,6 +148,8 @@ def stage_config(cfg: DictConfig, stage: str, *, backbone: dict[str, Any] | None
     for key, value in settings.items():
         OmegaConf.update(stage_cfg, key, value, merge=True, force_add=True)
     with open_dict(stage_cfg):
+        if cfg.get("paths") is not None:  # the pipeline's paths (paths.data_dir=...) hold for every stage
+            stage_cfg.paths = OmegaConf.create(_plain(cfg.paths))
         if backbone is not None:
             stage_cfg.backbone = OmegaConf.merge(OmegaConf.structured(BackboneSettings),
                                                  _stage_backbone(stage, overrides, stage_cfg, backbone))
