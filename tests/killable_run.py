@@ -34,26 +34,41 @@ class Record(Callback):
         if f"{trainer.current_epoch},{batch_idx}" == os.environ.get("KILL_AT_BATCH"):
             os.kill(os.getpid(), signal.SIGKILL)  # after everything the previous batch's end wrote
 
+    def on_validation_batch_end(self, trainer, module, outputs, batch, batch_idx, dataloader_idx=0):
+        # SIGTERM_IN_FINAL_VALIDATION: a real SIGTERM as the final validation (after fit) ends its last batch
+        last = batch_idx == trainer.num_val_batches[dataloader_idx] - 1
+        if os.environ.get("SIGTERM_IN_FINAL_VALIDATION") and trainer.state.fn == "validate" and last:
+            os.kill(os.getpid(), signal.SIGTERM)
+
 run(compose(stage, json.loads(sys.argv[3])), callbacks=[Record()])
 """
 
 
 def run_stage(stage: str, overrides: list[str], batch_log: Path, kill_at: int | tuple[int, int] | None = None) -> int:
+    """:func:`run_stage_process`'s return code."""
+    return run_stage_process(stage, overrides, batch_log, kill_at).returncode
+
+
+def run_stage_process(stage: str, overrides: list[str], batch_log: Path, kill_at: int | tuple[int, int] | None = None,
+                      *, sigterm_in_final_validation: bool = False) -> subprocess.CompletedProcess:
     """Run ``train_<stage>`` with ``overrides`` (appending a line per trained batch to ``batch_log``), killed
     with SIGKILL at the end of the first batch after which ``global_step == kill_at``, or with ``kill_at=(epoch,
-    batch_idx)`` as that batch starts; the return code. A run that is not to be killed must succeed."""
+    batch_idx)`` as that batch starts, or with SIGTERM as the final validation's last batch ends; the finished
+    process. A run that is not to be killed must succeed."""
     env = {**os.environ, "BATCH_LOG": str(batch_log), "OMP_NUM_THREADS": "1"}
-    env.pop("KILL_AT_STEP", None)
-    env.pop("KILL_AT_BATCH", None)
+    for name in ("KILL_AT_STEP", "KILL_AT_BATCH", "SIGTERM_IN_FINAL_VALIDATION"):
+        env.pop(name, None)
+    if sigterm_in_final_validation:
+        env["SIGTERM_IN_FINAL_VALIDATION"] = "1"
     if isinstance(kill_at, tuple):
         env["KILL_AT_BATCH"] = f"{kill_at[0]},{kill_at[1]}"
     elif kill_at is not None:
         env["KILL_AT_STEP"] = str(kill_at)
     done = subprocess.run([sys.executable, "-c", _SCRIPT, str(TESTS_DIR), stage, json.dumps(overrides)], env=env,
                           capture_output=True, text=True, timeout=600)
-    if kill_at is None and done.returncode != 0:
+    if kill_at is None and not sigterm_in_final_validation and done.returncode != 0:
         raise AssertionError(f"train_{stage} failed ({done.returncode}):\n{done.stderr[-4000:]}")
-    return done.returncode
+    return done
 
 
 def read_batches(path: Path) -> list[dict[str, Any]]:

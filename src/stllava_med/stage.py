@@ -8,6 +8,7 @@ reference cache) to the summary it writes.
 from __future__ import annotations
 
 import logging
+import signal
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -18,10 +19,11 @@ from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from stllava_med.backbone import export_merged, has_bnb_layers
+from stllava_med.backbone import export_merged, has_bnb_layers, save_adapter
 from stllava_med.schema import CheckpointSettings, ExportSettings
 from stllava_med.training import BnbCpuGuard, build_trainer, close_loggers, resume_checkpoint
 from stllava_med.utils.config import logger_names
+from stllava_med.utils.runtime import exit_incomplete, signal_exit_code
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +81,7 @@ def export_weights(model: nn.Module, processor: Any, out_dir: Path, settings: Ex
         except ValueError as err:
             log.warning("merged export skipped: %s", err)
             return {"adapter": str(adapter_dir), "merged": None, "merged_skipped": str(err)}
-    model.save_pretrained(adapter_dir)
-    processor.save_pretrained(adapter_dir)
+    save_adapter(model, processor, adapter_dir)
     return {"adapter": str(adapter_dir), "merged": None}
 
 
@@ -124,6 +125,12 @@ def fit_and_export(cfg: DictConfig, stage: str, module: LightningModule, datamod
         results = trainer.validate(module, datamodule=datamodule, verbose=False,
                                    ckpt_path=str(final) if final.is_file() else None)
         val = split_metrics(results[0] if results else {}, "val/")
+        if trainer.received_sigterm:
+            # Lightning stops a validation at the next batch after SIGTERM, but not after its last one: the run
+            # would export and end with status 0 although the scheduler is about to kill it
+            exit_incomplete(stage, signal_exit_code(signal.SIGTERM),
+                            f"stopped by SIGTERM during the final validation (training had finished; {final} holds "
+                            "the final weights); nothing exported; rerun the same command to validate and export")
     else:
         val = split_metrics(dict(trainer.callback_metrics), "val/")
     close_loggers(trainer)

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from conftest import compose
 from dpo_support import one_torch_thread, sample_pairs, write_shard  # noqa: F401  (autouse fixture)
-from killable_run import attempts, read_batches, run_stage
+from killable_run import attempts, read_batches, run_stage, run_stage_process
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]  # six processes, about a minute
 
@@ -80,3 +80,27 @@ def test_sigkill_resumes_exactly_under_max_epochs_with_accumulation(tmp_path, ti
     assert expected.keys() == resumed.keys() and any("multi_modal_projector" in k for k in expected)
     for name, tensor in expected.items():
         assert torch.equal(resumed[name], tensor), name
+
+
+def test_sigterm_at_the_last_batch_of_the_final_validation_exits_143_and_the_rerun_exports(tmp_path,
+                                                                                           tiny_backbone_path):
+    """Lightning stops a validation at the batch after a SIGTERM, never after its last one: the stage itself
+    must notice, or it exports and exits 0 while the scheduler is about to kill it."""
+    shard = write_shard(tmp_path / "pairs.jsonl", sample_pairs(12, stride=29))
+    out_dir = tmp_path / "run"
+    overrides = [f"data.path={shard}", f"out_dir={out_dir}", "data.batch_size=2", "data.num_workers=0",
+                 "data.val_fraction=0.34", "data.progress=false", f"data.scan_cache_dir={tmp_path}/scan",
+                 f"dpo.reference_cache_dir={tmp_path}/reference", "trainer.enable_progress_bar=false",
+                 "trainer.max_steps=3", "export.merged=false", "logger=none", "num_threads=1"]
+    stopped = run_stage_process("dpo", overrides, tmp_path / "batches.jsonl", sigterm_in_final_validation=True)
+    assert stopped.returncode == 143, stopped.stderr[-3000:]
+    assert "stopped by SIGTERM during the final validation (training had finished" in stopped.stderr
+    assert not (out_dir / "metrics.json").exists() and not (out_dir / "adapter").exists()
+    final = torch.load(out_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert final["global_step"] == 3
+
+    rerun = run_stage_process("dpo", overrides, tmp_path / "batches.jsonl")
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert json.loads((out_dir / "metrics.json").read_text())["global_step"] == 3
+    assert (out_dir / "adapter" / "adapter_config.json").is_file()
+    assert len(read_batches(tmp_path / "batches.jsonl")) == 3  # the rerun trained nothing again

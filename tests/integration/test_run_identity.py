@@ -73,7 +73,8 @@ def test_dpo_second_process_refused_then_changed_beta_refused(tmp_path):
     finally:
         os.killpg(first.pid, signal.SIGKILL)
         first.wait(timeout=60)
-    assert second.returncode == 1, second.stderr[-3000:]
+    assert second.returncode == 75, second.stderr[-3000:]  # EX_TEMPFAIL: try again later
+    assert "Traceback" not in second.stderr and second.stderr.count("Error: ") == 1  # one line, no traceback
     assert f"dpo: {out_dir} is in use by another process (pid {first.pid} on " in second.stderr
     assert "wait for it to end" in second.stderr
     assert "Epoch" not in second.stdout + second.stderr  # it never started training
@@ -85,7 +86,8 @@ def test_dpo_second_process_refused_then_changed_beta_refused(tmp_path):
     changed = subprocess.run(_cli("train_dpo", *_dpo_args(out_dir, "dpo.beta=0.5", "trainer.max_steps=100000",
                                                           "trainer.max_epochs=1000")), cwd=REPO_ROOT, env=env,
                              capture_output=True, text=True, timeout=300)
-    assert changed.returncode == 1, changed.stderr[-3000:]
+    assert changed.returncode == 2, changed.stderr[-3000:]
+    assert "Traceback" not in changed.stderr and changed.stderr.count("Error: ") == 1
     assert (f"dpo: {out_dir} was made by another config (fingerprint {identity['fingerprint']}, recorded in "
             f"{out_dir / IDENTITY_FILE}") in changed.stderr
     assert "Differing keys (old → new): dpo.beta: 0.1 → 0.5." in changed.stderr
@@ -227,7 +229,7 @@ def test_judge_cli_identity(tmp_path, sample_dir):
     again = _judge(candidates, out_dir, "pairs.min_margin=1", "judge.progress=true")  # run_dir_ignore: allowed
     assert again.returncode == 0, again.stderr[-3000:]
     changed = _judge(candidates, out_dir, "pairs.min_margin=2")
-    assert changed.returncode == 1
+    assert changed.returncode == 2 and "Traceback" not in changed.stderr
     assert f"judge: {out_dir} was made by another config" in changed.stderr
     assert "Differing keys (old → new): pairs.min_margin: 1.0 → 2.0." in changed.stderr
     fresh = _judge(candidates, out_dir, "pairs.min_margin=2", "run_dir_mismatch=new")

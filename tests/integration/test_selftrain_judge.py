@@ -243,6 +243,7 @@ def test_sigkilled_cli_run_resumes_without_asking_anything_twice_and_never_write
                                 capture_output=True, text=True, timeout=90)
         assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-3000:]
         resumed = [e.question for e in server.log[n_before:]]
+        n_server_requests = len(server.log)
         answered_per_question = server.requests_per_question(answered_only=True)
 
     assert not answered_before & set(resumed)  # nothing answered before the kill was asked again
@@ -250,7 +251,12 @@ def test_sigkilled_cli_run_resumes_without_asking_anything_twice_and_never_write
     assert sorted(resumed) == sorted({c.question for c in candidates} - answered_before)
     assert answered_per_question == {c.question: 1 for c in candidates}
     with JudgementStore(store_path, readonly=True) as store:
-        assert store.request_outcomes()["transient"] == 1  # the echoing 500, retried
+        outcomes = store.request_outcomes()
+        assert outcomes["transient"] == 1  # the echoing 500, retried
+        # the 4 requests in flight at the kill count against the budget (settled by the next run as "lost"):
+        # the store has recorded every request the server received, no fewer
+        assert outcomes["lost"] == 4
+        assert store.usage().requests == n_server_requests
     summary = json.loads((run_dir / "summary.json").read_text())
     assert (summary["judged"], summary["failed"], summary["unjudged"], summary["complete"]) == (16, 0, 0, True)
     assert summary["this_run"]["already_judged"] == len(answered_before)

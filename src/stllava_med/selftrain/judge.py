@@ -49,7 +49,7 @@ from stllava_med.selftrain.experts.base import (
     TransientError,
 )
 from stllava_med.selftrain.records import Candidate, Judgement, judgement_key
-from stllava_med.selftrain.store import JudgementStore, owner_id
+from stllava_med.selftrain.store import JudgementStore, StoreWriteError, owner_id
 from stllava_med.utils.config import check_keys
 from stllava_med.utils.io import sha256_file
 
@@ -299,6 +299,7 @@ class JudgeRunner:
         self.stats = RunStats()
         self._reserved_cost = 0.0  # this process's requests in flight (the store holds every process's)
         self._others_in_flight = 0
+        self.store_error: StoreWriteError | None = None  # the first failed write to the store (the run stops)
         self.owner = owner_id()    # claims and reservations in the store are this runner's
         self._since = time.time()
         self._request_finished = asyncio.Condition()
@@ -311,7 +312,8 @@ class JudgeRunner:
 
     # -- budget --------------------------------------------------------------------------------------------------
 
-    def _budget_stop(self, estimated_cost: float, *, reserve: bool = False) -> tuple[tuple[str, str] | None, int | None]:
+    def _budget_stop(self, estimated_cost: float, *, reserve: bool = False,
+                     key: str = "") -> tuple[tuple[str, str] | None, int | None]:
         """((which budget, why), None) when the next request would exceed a budget, else (None, the reservation id
         when ``reserve``). The budget is the store's, shared by every process judging into it: requests recorded
         plus requests in flight (reserved), cost spent plus the estimated cost of those in flight."""
@@ -319,7 +321,7 @@ class JudgeRunner:
         limits = {"max_requests": settings.max_requests, "max_cost_usd": settings.max_cost_usd}
         if not reserve and limits["max_requests"] is None and limits["max_cost_usd"] is None:
             return None, None
-        reservation, kind, totals = self.store.reserve(self.owner, estimated_cost, dry=not reserve, **limits)
+        reservation, kind, totals = self.store.reserve(self.owner, estimated_cost, dry=not reserve, key=key, **limits)
         if kind == "requests":
             sent = totals["sent"] + totals["in_flight"]
             return ("requests", f"budget: max_requests={settings.max_requests} reached ({sent} requests sent, "
@@ -331,14 +333,15 @@ class JudgeRunner:
                             f"≈${estimated_cost:.4f}; all processes on this store)"), None
         return None, reservation
 
-    async def _within_budget(self, estimated_cost: float, *, reserve: bool = False) -> int | bool | None:
+    async def _within_budget(self, estimated_cost: float, *, reserve: bool = False,
+                             key: str = "") -> int | bool | None:
         """Wait while requests in flight (here or in another process) hold cost reservations that may turn out
         smaller than estimated; stop the run (and return None / False) once the next request cannot fit even with
         nothing in flight. ``reserve``: the reservation id of the request about to be sent."""
         while True:
             if self.stats.stopped:
                 return None if reserve else False
-            exceeded, reservation = self._budget_stop(estimated_cost, reserve=reserve)
+            exceeded, reservation = self._budget_stop(estimated_cost, reserve=reserve, key=key)
             if exceeded is None:
                 return reservation if reserve else True
             kind, reason = exceeded
@@ -419,7 +422,7 @@ class JudgeRunner:
             await self.limiter.acquire(estimated_tokens)
             # recheck after the (possibly long) wait: other workers (and processes) may have spent the budget
             # meanwhile; the request is reserved in the store until it is recorded
-            reservation = await self._within_budget(estimated_cost, reserve=True)
+            reservation = await self._within_budget(estimated_cost, reserve=True, key=key)
             if reservation is None:
                 return
             self.stats.requests += 1
@@ -567,13 +570,18 @@ class JudgeRunner:
                     candidate, key = queue.get_nowait()
                 except asyncio.QueueEmpty:
                     return
-                state = self.store.claim(key, self.owner, since=self._since)  # one process asks each judgement
-                if state == "claimed":
-                    await self.judge_one(candidate, key)
-                elif state == "done":
+                try:
+                    state = self.store.claim(key, self.owner, since=self._since)  # one process asks each judgement
+                    if state == "claimed":
+                        await self.judge_one(candidate, key)
+                except StoreWriteError as err:  # a full disk: stop; the requests in flight still count
+                    self.store_error = self.store_error or err
+                    self.stop(f"store: {err}")
+                    return
+                if state == "done":
                     self.stats.judged_elsewhere += 1
                     self._count_done_elsewhere()
-                else:
+                elif state == "taken":
                     deferred.append((candidate, key))
 
         try:
@@ -588,7 +596,10 @@ class JudgeRunner:
                 if not queue.empty():
                     await asyncio.gather(*(worker() for _ in range(min(concurrency, queue.qsize()))))
         finally:
-            self.store.release_owner(self.owner)
+            try:
+                self.store.release_owner(self.owner)
+            except StoreWriteError as err:  # its reservations stay: the next run on the store counts them as lost
+                log.warning("judge: %s", err)
             self.stats.seconds = time.perf_counter() - self._started
             self._refresh_postfix(force=True)
             self._bar.close()
@@ -612,4 +623,6 @@ def judge_candidates(candidates: Sequence[Candidate], expert: Expert, store_path
                  runner.stats.unique_keys, runner.stats.already_judged, runner.stats.todo,
                  f" ({len(problems)} cannot be asked)" if problems else "")
         stats = asyncio.run(runner.run(items))
+        if runner.store_error is not None:
+            raise runner.store_error
     return stats, keys

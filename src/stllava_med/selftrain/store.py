@@ -13,6 +13,7 @@ import json
 import sqlite3
 import time
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,6 +61,11 @@ CREATE TABLE IF NOT EXISTS reservations (
 
 # A claim or reservation older than this whose owner cannot be checked (another host) is taken to be abandoned.
 STALE_AFTER_S = 3600.0
+
+
+class StoreWriteError(OSError):
+    """The store could not be written (disk full, read-only, an I/O error, locked past the timeout): the message
+    names the file. What was committed before stays; requests reserved and not recorded count as sent."""
 
 
 def owner_id() -> str:
@@ -119,14 +125,31 @@ class JudgementStore:
         else:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(self.path, timeout=30)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute(f"PRAGMA synchronous={synchronous}")
-            with self._db:
+            with self._writing("opening it"):
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute(f"PRAGMA synchronous={synchronous}")
+            with self._writing("creating its tables"):
                 self._db.executescript(_SCHEMA)
                 self._db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
         version = self.meta("schema_version")
         if version is not None and int(version) != SCHEMA_VERSION:
             raise ValueError(f"{self.path}: judgement store schema {version}, this code reads {SCHEMA_VERSION}")
+
+    @contextmanager
+    def _writing(self, what: str) -> Iterator[None]:
+        """One write transaction; SQLite's failures (``database or disk is full``, ``disk I/O error``, ``attempt
+        to write a readonly database``, ``database is locked``) become a :class:`StoreWriteError` naming the file."""
+        try:
+            with self._db:
+                yield
+        except sqlite3.OperationalError as err:
+            text = str(err)
+            hint = ""
+            if "full" in text.lower():
+                hint = (f"; free space on the file system of {self.path.parent} (or move the run directory) and "
+                        "rerun the same command: every judgement committed so far is kept, and the requests in "
+                        "flight are counted against the budget")
+            raise StoreWriteError(f"{self.path}: cannot write the judgement store while {what}: {text}{hint}") from err
 
     # -- metadata ------------------------------------------------------------------------------------------------
 
@@ -135,7 +158,7 @@ class JudgementStore:
         return None if row is None else str(row[0])
 
     def set_meta(self, name: str, value: str) -> None:
-        with self._db:
+        with self._writing(f"setting {name}"):
             self._db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (name, value))
 
     # -- judgements ----------------------------------------------------------------------------------------------
@@ -143,7 +166,7 @@ class JudgementStore:
     def put(self, judgement: Judgement, *, request: dict | None = None) -> None:
         """Commit a judgement (replacing an earlier failure of the same key), together with the request that
         produced it, in one transaction; the key's claim goes with it."""
-        with self._db:
+        with self._writing(f"storing the judgement of {judgement.candidate_id}"):
             self._db.execute(
                 "INSERT OR REPLACE INTO judgements VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (judgement.key, judgement.candidate_id, judgement.expert, judgement.status, int(judgement.retryable),
@@ -156,17 +179,32 @@ class JudgementStore:
     # -- work shared between processes -------------------------------------------------------------------------
 
     def _drop_stale(self, now: float) -> None:
-        for table in ("claims", "reservations"):
-            stamp = "claimed_at" if table == "claims" else "created_at"
-            for rowid, owner, at in self._db.execute(f"SELECT rowid, owner, {stamp} FROM {table}").fetchall():
-                if not _owner_alive(str(owner), float(at), now):
-                    self._db.execute(f"DELETE FROM {table} WHERE rowid = ?", (rowid,))
+        for rowid, owner, at in self._db.execute("SELECT rowid, owner, claimed_at FROM claims").fetchall():
+            if not _owner_alive(str(owner), float(at), now):
+                self._db.execute("DELETE FROM claims WHERE rowid = ?", (rowid,))
+        dead = {str(owner) for owner, at in self._db.execute("SELECT owner, created_at FROM reservations").fetchall()
+                if not _owner_alive(str(owner), float(at), now)}
+        for owner in dead:
+            self._settle_reservations(owner, "lost", f"in flight when its process ({owner}) ended: it may have been "
+                                                     "answered and charged, so it counts at its estimated cost")
+
+    def _settle_reservations(self, owner: str, outcome: str, detail: str) -> None:
+        """Turn ``owner``'s reservations into recorded requests (at their estimated cost): a request reserved was
+        about to be sent or in flight, and may have been answered and billed without being recorded (a SIGKILL, a
+        full disk), so the budgets count it rather than forget it."""
+        rows = self._db.execute("SELECT id, key, cost_usd FROM reservations WHERE owner = ?", (owner,)).fetchall()
+        for rid, key, cost in rows:
+            self._db.execute("DELETE FROM reservations WHERE id = ?", (rid,))
+            self._db.execute(
+                "INSERT INTO requests (key, attempt, outcome, detail, prompt_tokens, completion_tokens, cost_usd, "
+                "seconds, created_at) VALUES (?, -1, ?, ?, 0, 0, ?, 0.0, ?)",
+                (str(key), outcome, detail, float(cost), time.time()))
 
     def claim(self, key: str, owner: str, *, since: float) -> str:
         """Hand ``key`` to ``owner``: ``claimed``; ``taken`` while another live process holds it; ``done`` when a
         judgement of it was stored after ``since`` (another process answered it meanwhile)."""
         now = time.time()
-        with self._db:
+        with self._writing(f"claiming {key}"):
             self._db.execute("BEGIN IMMEDIATE")
             self._drop_stale(now)
             row = self._db.execute("SELECT created_at FROM judgements WHERE key = ?", (key,)).fetchone()
@@ -180,19 +218,19 @@ class JudgementStore:
 
     def claimed_by_others(self, keys: Iterable[str], owner: str) -> set[str]:
         """The ``keys`` another live process holds now."""
-        with self._db:
+        with self._writing("dropping stale claims"):
             self._db.execute("BEGIN IMMEDIATE")
             self._drop_stale(time.time())
         wanted = set(keys)
         return {k for k, o in self._db.execute("SELECT key, owner FROM claims") if k in wanted and o != owner}
 
     def reserve(self, owner: str, cost_usd: float, *, max_requests: int | None, max_cost_usd: float | None,
-                dry: bool = False) -> tuple[int | None, str | None, dict[str, float]]:
+                dry: bool = False, key: str = "") -> tuple[int | None, str | None, dict[str, float]]:
         """Reserve one request against the budget of every process on the store (requests recorded + reserved,
         cost spent + reserved): ``(reservation id, None, totals)``, or ``(None, "requests" | "cost", totals)`` when
         it would exceed ``max_requests`` / ``max_cost_usd``. ``totals``: sent, spent, in_flight, in_flight_cost,
-        mine_in_flight. ``dry``: check only (reservation id None)."""
-        with self._db:
+        mine_in_flight. ``dry``: check only (reservation id None). ``key``: the judgement it is for."""
+        with self._writing("reserving a request"):
             self._db.execute("BEGIN IMMEDIATE")
             self._drop_stale(time.time())
             sent, spent = self._db.execute("SELECT COUNT(*), COALESCE(SUM(cost_usd), 0.0) FROM requests").fetchone()
@@ -208,20 +246,22 @@ class JudgementStore:
             if dry:
                 return None, None, totals
             cursor = self._db.execute("INSERT INTO reservations (owner, key, cost_usd, created_at) VALUES (?, ?, ?, ?)",
-                                      (owner, "", cost_usd, time.time()))
+                                      (owner, key, cost_usd, time.time()))
             return int(cursor.lastrowid or 0), None, totals
 
     def release_owner(self, owner: str) -> None:
-        """Drop what ``owner`` still holds (its run ended)."""
-        with self._db:
+        """Drop ``owner``'s claims (its run ended); requests it reserved and never recorded (interrupted in
+        flight) are recorded as ``unrecorded``, at their estimated cost."""
+        with self._writing("releasing this run's claims"):
             self._db.execute("DELETE FROM claims WHERE owner = ?", (owner,))
-            self._db.execute("DELETE FROM reservations WHERE owner = ?", (owner,))
+            self._settle_reservations(owner, "unrecorded", "reserved by a run that ended before recording it (an "
+                                                           "interrupted request): counted at its estimated cost")
 
     def log_request(self, key: str, *, attempt: int, outcome: str, detail: str | None = None,
                     prompt_tokens: int = 0, completion_tokens: int = 0, cost_usd: float = 0.0,
                     seconds: float = 0.0, reservation: int | None = None) -> None:
         """Record one request that did not (yet) produce a judgement: a retry, a malformed reply."""
-        with self._db:
+        with self._writing(f"recording a request for {key}"):
             self._insert_request(key, attempt=attempt, outcome=outcome, detail=detail, prompt_tokens=prompt_tokens,
                                  completion_tokens=completion_tokens, cost_usd=cost_usd, seconds=seconds,
                                  reservation=reservation)

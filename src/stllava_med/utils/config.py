@@ -210,10 +210,53 @@ def _is_group(key: str) -> bool:
     return (Path(conf_dir()) / key).is_dir()
 
 
+# Exit statuses of a single run that ends on one of our errors (printed as one ``Error: ...`` line, no traceback;
+# HYDRA_FULL_ERROR=1 shows the traceback; in a multirun the job fails as any other and the sweep goes on).
+EXIT_USAGE = 2      # the command line or the run directory's recorded config says no (also unknown keys, secrets)
+EXIT_BUSY = 75      # another process holds the run directory now (EX_TEMPFAIL: try again later)
+EXIT_INPUT = 1      # bad input, located (file, record, field), or a file that cannot be written (disk full)
+
+
+def user_error_status(err: BaseException) -> int | None:
+    """The exit status for an error that is fully explained by its message, or None (a bug: keep the traceback)."""
+    import errno
+
+    from stllava_med.selftrain.store import StoreWriteError
+    from stllava_med.utils.run_identity import RunDirBusy, RunDirMismatch
+
+    if isinstance(err, RunDirMismatch | UnknownConfigKey):
+        return EXIT_USAGE
+    if isinstance(err, RunDirBusy):
+        return EXIT_BUSY
+    if isinstance(err, StoreWriteError) or (isinstance(err, OSError)
+                                             and err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS)):
+        return EXIT_INPUT
+    return None
+
+
+def _one_line_errors(fn: Any) -> Any:
+    @functools.wraps(fn)
+    def job(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except Exception as err:
+            status = user_error_status(err)
+            multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+            if status is None or multirun or os.environ.get("HYDRA_FULL_ERROR") == "1":
+                raise
+            logging.getLogger(fn.__module__).error("%s", err)  # the job's log file keeps it too
+            print(f"Error: {err}", file=sys.stderr)
+            sys.exit(status)
+
+    return job
+
+
 def stage_main(config_name: str) -> Any:
-    """``@hydra.main`` for a stage, preceded by :func:`precheck_overrides` on the command line."""
+    """``@hydra.main`` for a stage, preceded by :func:`precheck_overrides` on the command line; errors that
+    their message explains (:func:`user_error_status`) end a single run as one line and a documented status."""
     def decorate(fn: Any) -> Any:
-        hydra_main = hydra.main(version_base="1.3", config_path=conf_dir(), config_name=config_name)(fn)
+        hydra_main = hydra.main(version_base="1.3", config_path=conf_dir(), config_name=config_name)(
+            _one_line_errors(fn))
 
         @functools.wraps(fn)
         def main(*args: Any, **kwargs: Any) -> Any:
