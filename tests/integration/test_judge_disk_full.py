@@ -18,8 +18,9 @@ from stllava_med.selftrain.store import JudgementStore
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from openai_server import OpenAITestServer  # noqa: E402
 from test_selftrain_judge import _env, _judge_command, make_candidates  # noqa: E402
+
+from openai_server import OpenAITestServer  # noqa: E402
 
 pytestmark = pytest.mark.integration
 

@@ -13,8 +13,9 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from openai_server import OpenAITestServer  # noqa: E402
 from test_judge_exit import _candidates, _command, _env  # noqa: E402
+
+from openai_server import OpenAITestServer  # noqa: E402
 
 pytestmark = pytest.mark.integration
 

@@ -14,7 +14,6 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dpo_support import sample_pairs, write_shard  # noqa: E402
-
 from stllava_med.chat import ChatFormat  # noqa: E402
 from stllava_med.data.pairs.scan import scan_pairs  # noqa: E402
 from stllava_med.data.pairs.settings import PreferenceDataSettings  # noqa: E402
