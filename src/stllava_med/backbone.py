@@ -12,8 +12,6 @@ import copy
 import dataclasses
 import logging
 import os
-import shutil
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +27,7 @@ from stllava_med.models import sq_llava as _sq_llava  # noqa: F401  (registers m
 from stllava_med.schema import BackboneSettings
 from stllava_med.tiny import ensure_tiny_backbone, tiny_spec_from_config
 from stllava_med.utils.config import check_keys
+from stllava_med.utils.io import write_dir_atomically
 
 log = logging.getLogger(__name__)
 
@@ -333,14 +332,24 @@ def pick_device(name: str | None) -> torch.device:
     return torch.device(str(name))
 
 
+def save_adapter(model: nn.Module, processor: Any, adapter_dir: str | os.PathLike) -> Path:
+    """``save_pretrained`` of the adapter (or the whole trainable model) and the processor into ``adapter_dir``,
+    atomically (:func:`~stllava_med.utils.io.write_dir_atomically`): a kill or a full disk mid-export leaves the
+    previous adapter whole, and a full disk raises an error naming ``adapter_dir``."""
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+
+    return write_dir_atomically(adapter_dir, write, what=f"the adapter {adapter_dir}")
+
+
 def export_merged(model: nn.Module, processor: Any, out_dir: str | os.PathLike, *, adapter_dir: str | os.PathLike | None = None) -> Path:
     """Save the LoRA adapter (``adapter_dir``) and a merged full model + processor at ``out_dir`` that
     ``AutoModelForImageTextToText`` / ``AutoProcessor`` (and vLLM) load directly. The live model is left
     untouched: merging happens on a copy of the weights."""
     out_dir = Path(out_dir)
     if adapter_dir is not None and hasattr(model, "peft_config"):
-        model.save_pretrained(adapter_dir)
-        processor.save_pretrained(adapter_dir)
+        save_adapter(model, processor, adapter_dir)
     if has_bnb_layers(model):
         raise ValueError(
             "cannot merge into a 4-bit/8-bit base; the adapter was saved — merge it into the full-precision base "
@@ -349,15 +358,12 @@ def export_merged(model: nn.Module, processor: Any, out_dir: str | os.PathLike, 
     merged = copy.deepcopy(model)
     if hasattr(merged, "merge_and_unload"):
         merged = merged.merge_and_unload()
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent if out_dir.parent.exists() else None))
-    try:
+
+    def write(tmp: Path) -> None:
         merged.save_pretrained(tmp)
         processor.save_pretrained(tmp)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    # built in a temp sibling (never $TMPDIR: a rename across file systems is a copy a kill can tear), fsynced,
+    # renamed into place; a full disk names the directory and leaves the previous export
+    write_dir_atomically(out_dir, write, what=f"the merged model {out_dir}")
     return out_dir

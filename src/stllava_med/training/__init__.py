@@ -25,11 +25,13 @@ from stllava_med.backbone import unpack_bnb_cpu_weights
 from stllava_med.training.checkpoints import (
     CountResumedEpoch,
     LastCheckpoint,
+    LocalCheckpointIO,
     StepCheckpoint,
     TrainableOnlyCheckpoints,
     checkpoint_candidates,
     checkpoint_problem,
     previous_path,
+    remove_temp_debris,
     resume_checkpoint,
     save_checkpoint_atomically,
 )
@@ -40,10 +42,10 @@ from stllava_med.utils.config import flat_config, run_group, run_label
 from stllava_med.utils.runtime import single_console
 
 __all__ = [
-    "BnbCpuGuard", "CountResumedEpoch", "LastCheckpoint", "StepCheckpoint", "StopOnSignal", "TextProgress",
+    "BnbCpuGuard", "CountResumedEpoch", "LastCheckpoint", "LocalCheckpointIO", "StepCheckpoint", "StopOnSignal", "TextProgress",
     "TrainableOnlyCheckpoints", "build_loggers", "build_trainer", "checkpoint_candidates", "checkpoint_problem",
     "close_loggers", "configure_adamw", "cosine_with_warmup", "log_run_config", "param_groups", "previous_path",
-    "progress_callback", "resume_checkpoint", "save_checkpoint_atomically", "slurm_requeue", "step_progress_bar",
+    "progress_callback", "remove_temp_debris", "resume_checkpoint", "save_checkpoint_atomically", "slurm_requeue", "step_progress_bar",
     "stop_if_requested",
 ]
 
@@ -146,8 +148,11 @@ def build_trainer(trainer_cfg: Mapping[str, Any], out_dir: Path, *, logger_cfg: 
         all_callbacks.append(LearningRateMonitor(logging_interval="step"))
     kwargs: dict[str, Any] = {"default_root_dir": str(out_dir), "callbacks": all_callbacks,
                               "logger": loggers if loggers else False}
+    # checkpoints are written in their own directory, never through $TMPDIR (LocalCheckpointIO)
+    plugins: list[Any] = [LocalCheckpointIO()]
     if _under_slurm():
-        kwargs["plugins"] = [SLURMEnvironment(auto_requeue=slurm_auto_requeue)]
+        plugins.append(SLURMEnvironment(auto_requeue=slurm_auto_requeue))
+    kwargs["plugins"] = plugins
     cfg.setdefault("_target_", "lightning.pytorch.Trainer")
     trainer = instantiate(cfg, **kwargs)
     if run_cfg is not None and trainer.loggers:

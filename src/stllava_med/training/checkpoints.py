@@ -3,20 +3,80 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import os
+import shutil
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 from weakref import proxy
 
 import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-log = logging.getLogger(__name__)
+from stllava_med.utils.io import DiskFull, fsync_dir, no_space
 
 log = logging.getLogger(__name__)
+
+# --------------------------------------------------------------------------------------------------------------
+# Writing a checkpoint file
+# --------------------------------------------------------------------------------------------------------------
+
+
+def temp_name(path: Path) -> Path:
+    """``last.ckpt`` -> ``.last.ckpt.tmp``: where a checkpoint is written before it is renamed (its own
+    directory, so the rename never crosses a file system)."""
+    return path.with_name(f".{path.name}.tmp")
+
+
+def _is_temp(path: Path) -> bool:
+    return path.name.startswith(".") and path.name.endswith(".tmp")
+
+
+def _raise_if_disk_full(err: BaseException, path: Path) -> None:
+    """Raise :class:`DiskFull` naming the checkpoint ``path`` if ``err`` is a full disk (from ``err``)."""
+    code = no_space(err)
+    if code is not None:
+        raise DiskFull(path, code, what=f"checkpoint {path} (the checkpoints already on disk are intact: free "
+                                        "space and rerun the same command to resume from the newest)") from err
+
+
+class LocalCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint IO without its detour through ``$TMPDIR``.
+
+    Lightning (2.6) saves a local checkpoint through an fsspec transaction, whose local file is a
+    ``tempfile.mkstemp()`` in ``$TMPDIR`` moved onto the destination when the transaction commits: with
+    ``$TMPDIR`` on another file system (a node-local ``/tmp`` or ``/dev/shm``, ``out_dir`` on NFS / Lustre) that
+    move is a copy, so a kill mid-copy leaves a torn file, the temp file stays in ``$TMPDIR`` and a small
+    ``/tmp`` fails the save. Here the bytes go to ``.<name>.tmp`` in the destination's directory, are fsynced
+    and renamed over it (a path that is already such a temp name is written as it is: the caller renames it).
+    A full disk removes the temp file and raises :class:`~stllava_med.utils.io.DiskFull` naming the file.
+    Remote URLs (``s3://``) keep Lightning's path."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        if storage_options is not None or "://" in str(path):
+            super().save_checkpoint(checkpoint, path, storage_options=storage_options)
+            return
+        path = Path(path)
+        buffer = io.BytesIO()  # serialised first, as Lightning does: a failing pickle touches no file
+        torch.save(checkpoint, buffer)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        target = path if _is_temp(path) else temp_name(path)
+        try:
+            with open(target, "wb") as fh:
+                fh.write(buffer.getbuffer())
+                fh.flush()
+                os.fsync(fh.fileno())
+            if target != path:
+                os.replace(target, path)
+                fsync_dir(path.parent)
+        except BaseException as err:
+            target.unlink(missing_ok=True)
+            _raise_if_disk_full(err, path)
+            raise
 
 # --------------------------------------------------------------------------------------------------------------
 # Checkpoints that hold only what trains
@@ -64,20 +124,31 @@ class TrainableOnlyCheckpoints:
 
 def save_checkpoint_atomically(trainer: Trainer, path: Path) -> Path:
     """``trainer.save_checkpoint`` with the full training state (optimizer, loops, callbacks: what resuming
-    needs), written beside ``path`` and renamed over it: a job killed mid-write (SIGKILL after the scheduler's
-    grace period) leaves the previous checkpoint, never a torn one. Collective under DDP, like Lightning's."""
+    needs), written beside ``path`` (``.<name>.tmp``: the same file system, whatever ``$TMPDIR`` is; see
+    :class:`LocalCheckpointIO`), fsynced and renamed over it: a job killed mid-write (SIGKILL after the
+    scheduler's grace period) leaves the previous checkpoint, never a torn one. A write that fails (a full
+    disk: :class:`~stllava_med.utils.io.DiskFull`, naming ``path``) removes the temp file and leaves the
+    checkpoints on disk as they were. Collective under DDP, like Lightning's."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    trainer.save_checkpoint(tmp, weights_only=False)
-    if trainer.is_global_zero:  # only rank 0 writes (Lightning's checkpoint IO); save_checkpoint ends in a barrier
-        with open(tmp, "rb") as fh:  # on disk before it replaces anything (a node that dies loses no checkpoint)
-            os.fsync(fh.fileno())
-        # the checkpoint it replaces stays as <name>.prev.ckpt (resume_checkpoint's fallback), unless it is this
-        # process's own save of the same step (LastCheckpoint and StepCheckpoint both write last.ckpt at some steps)
-        if path.is_file() and _WRITTEN.get(str(path)) != trainer.global_step:
-            _keep_previous(path)
-        os.replace(tmp, path)
-        _WRITTEN[str(path)] = trainer.global_step
+    tmp = temp_name(path)
+    try:
+        trainer.save_checkpoint(tmp, weights_only=False)
+        if trainer.is_global_zero:  # only rank 0 writes (Lightning's checkpoint IO); save_checkpoint ends in a barrier
+            with open(tmp, "rb") as fh:  # on disk before it replaces anything (a node that dies loses no checkpoint)
+                os.fsync(fh.fileno())
+            # the checkpoint it replaces stays as <name>.prev.ckpt (resume_checkpoint's fallback), unless it is this
+            # process's own save of the same step (LastCheckpoint and StepCheckpoint both write last.ckpt at some
+            # steps)
+            if path.is_file() and _WRITTEN.get(str(path)) != trainer.global_step:
+                _keep_previous(path)
+            os.replace(tmp, path)
+            fsync_dir(path.parent)
+            _WRITTEN[str(path)] = trainer.global_step
+    except BaseException as err:
+        if trainer.is_global_zero:
+            tmp.unlink(missing_ok=True)
+        _raise_if_disk_full(err, path)
+        raise
     return path
 
 
@@ -93,12 +164,39 @@ def _keep_previous(path: Path) -> None:
     prev, link = previous_path(path), path.with_name(f".{path.name}.prev.tmp")
     link.unlink(missing_ok=True)
     try:
-        os.link(path, link)  # a second name for the same file: ``path`` exists at every moment
-    except OSError:  # a file system without hard links: copy it
-        import shutil
+        try:
+            os.link(path, link)  # a second name for the same file: ``path`` exists at every moment
+        except OSError:  # a file system without hard links: copy it
+            shutil.copyfile(path, link)
+        os.replace(link, prev)
+    except BaseException:
+        link.unlink(missing_ok=True)
+        raise
 
-        shutil.copyfile(path, link)
-    os.replace(link, prev)
+
+def remove_temp_debris(out_dir: Path) -> list[Path]:
+    """Remove what a killed writer left in a run directory: ``checkpoints/.<name>.tmp`` (a checkpoint being
+    written, or the second name of the one it replaced) and ``.<name>-*.tmp`` beside the exports and summaries
+    (an export or a whole-file write being built). Only the process
+    holding the run directory's lock calls this (a training stage resuming), so no writer is live. Returns the
+    removed paths."""
+    out_dir = Path(out_dir)
+    folder = out_dir / "checkpoints"
+    removed = []
+    debris = [*sorted(folder.glob(".*.tmp"))] if folder.is_dir() else []
+    if out_dir.is_dir():  # an export or a whole-file write (metrics.json) a kill interrupted
+        debris += sorted(out_dir.glob(".*.tmp"))
+    for path in debris:
+        with contextlib.suppress(FileNotFoundError):
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+            removed.append(path)
+    if removed:
+        log.warning("removed %d temp file(s) a killed write left: %s", len(removed),
+                    ", ".join(p.name for p in removed))
+    return removed
 
 
 class CountResumedEpoch(Callback):
@@ -217,6 +315,7 @@ def resume_checkpoint(out_dir: Path, trainable: Iterable[str] | None = None) -> 
     when none is complete and this returns None, the incomplete ones are renamed ``hpc-ckpt-<n>.incomplete.ckpt``
     so that it cannot."""
     names = frozenset(trainable) if trainable is not None else None
+    remove_temp_debris(out_dir)
     complete: list[tuple[int, float, Path]] = []
     for path in checkpoint_candidates(out_dir):
         problem, step = checkpoint_problem(path, names)

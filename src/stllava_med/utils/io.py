@@ -1,33 +1,168 @@
-"""Small file helpers shared by every stage: atomic writes, JSONL, hashing."""
+"""Small file helpers shared by every stage: atomic writes, JSONL, hashing, disk-full errors that name the file.
+
+Every file a stage must find whole is written in its own directory (never in ``$TMPDIR``: a temp file there is
+*copied* into a run directory on another file system, and a kill mid-copy leaves a torn file), flushed to disk
+and renamed over its destination. Appended files (JSONL) are appended line by line; a write that fails (a full
+disk) is cut back to the last whole line, so what was written before stays readable and a rerun resumes."""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
 import os
+import shutil
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` so that readers see either the old file or the whole new one, never a torn write."""
+
+class DiskFull(OSError):
+    """A write failed because the file system holding ``path`` is full (ENOSPC) or its quota is spent (EDQUOT).
+    The message names the file, which a bare ``OSError: [Errno 28]`` from ``write()`` does not."""
+
+    def __init__(self, path: str | os.PathLike, code: int = errno.ENOSPC, what: str = "") -> None:
+        reason = "disk quota exceeded" if code == errno.EDQUOT else "no space left on device"
+        super().__init__(code, f"disk full: {reason} writing {what or path}", str(path))
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+def no_space(err: BaseException) -> int | None:
+    """The errno (ENOSPC / EDQUOT) if ``err`` or an exception it was raised from is a full-disk error, else None.
+    Libraries wrap it (torch's zip writer, ``shutil``), so the chain is searched."""
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in _NO_SPACE:
+            return int(current.errno)
+        if "No space left on device" in str(current):
+            return errno.ENOSPC
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def name_disk_full(err: BaseException, path: str | os.PathLike, what: str = "") -> BaseException:
+    """``err`` as a :class:`DiskFull` naming ``path`` when it is a full-disk error (chained to it), else ``err``."""
+    if isinstance(err, DiskFull):
+        return err
+    code = no_space(err)
+    if code is None:
+        return err
+    named = DiskFull(path, code, what)
+    named.__cause__ = err
+    return named
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Flush a directory's entries (a rename into it) to disk; a no-op where directories cannot be opened."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes | memoryview) -> Path:
+    """Write ``data`` so that readers see either the old file or the whole new one, never a torn write: a temp
+    file in ``path``'s own directory (one file system: the rename is atomic, never a copy), fsynced, renamed
+    over ``path``. On failure the temp file is removed; a full disk raises :class:`DiskFull` naming ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
+        named = name_disk_full(err, path)
+        if named is not err:
+            raise named from err
         raise
+    fsync_dir(path.parent)
     return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` (UTF-8) atomically (:func:`atomic_write_bytes`)."""
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def _umask() -> int:
+    mask = os.umask(0o22)
+    os.umask(mask)
+    return mask
+
+
+def write_dir_atomically(out_dir: str | os.PathLike, write: Callable[[Path], Any], what: str = "") -> Path:
+    """Build a directory (an exported adapter, merged weights) with ``write(tmp)`` in a temp sibling of
+    ``out_dir`` (``.<name>-*.tmp``: the same file system), fsync every file in it, then rename it to ``out_dir``
+    (an existing ``out_dir`` is renamed aside first and removed after). A kill leaves the old directory or the
+    new one whole, plus temp debris that :func:`~stllava_med.training.checkpoints.remove_temp_debris` removes.
+    On failure the temp directory is removed; a full disk raises :class:`DiskFull` naming ``out_dir``."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", suffix=".tmp", dir=out_dir.parent))
+    old: Path | None = None
+    try:
+        os.chmod(tmp, 0o777 & ~_umask())  # what mkdir gives (mkdtemp's is 0700)
+        write(tmp)
+        for file in sorted(tmp.rglob("*")):
+            if file.is_file() and not file.is_symlink():
+                with open(file, "rb") as fh:
+                    os.fsync(fh.fileno())
+        fsync_dir(tmp)
+        if out_dir.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-old-", suffix=".tmp", dir=out_dir.parent))
+            os.replace(out_dir, old) if out_dir.is_dir() else os.replace(out_dir, old / out_dir.name)
+        os.replace(tmp, out_dir)
+        fsync_dir(out_dir.parent)
+    except BaseException as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and not out_dir.exists():  # put the previous one back
+            with contextlib.suppress(OSError):
+                os.replace(old, out_dir)
+        named = name_disk_full(err, out_dir, what)
+        if named is not err:
+            raise named from err
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return out_dir
+
+
+def append_whole(fd: int, data: bytes, path: str | os.PathLike) -> None:
+    """Append ``data`` to the open file ``fd`` (opened with O_APPEND) all or nothing: a write that fails part way
+    (a full disk) is cut back to the file's previous end, so the file still ends where its last whole record
+    does; a full disk raises :class:`DiskFull` naming ``path``."""
+    start = os.lseek(fd, 0, os.SEEK_END)
+    view = memoryview(data)
+    try:
+        while view:
+            written = os.write(fd, view)
+            view = view[written:]
+    except BaseException as err:
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, start)
+        named = name_disk_full(err, path)
+        if named is not err:
+            raise named from err
+        raise
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any, *, indent: int | None = 2) -> Path:
@@ -47,16 +182,25 @@ class JsonlWriter:
     last line (which :func:`read_jsonl` reports precisely)."""
 
     def __init__(self, path: str | os.PathLike, mode: str = "a") -> None:
+        if mode not in ("a", "w"):
+            raise ValueError(f"JsonlWriter mode must be 'a' or 'w', not {mode!r}")
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fh = open(self.path, mode, encoding="utf-8")  # noqa: SIM115 - closed in close()
+        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | (os.O_TRUNC if mode == "w" else 0)
+        self._fd: int | None = os.open(self.path, flags, 0o666)
 
     def write(self, record: dict) -> None:
-        self._fh.write(json.dumps(record, ensure_ascii=False, default=_json_default) + "\n")
-        self._fh.flush()
+        """One line, written whole or not at all (:func:`append_whole`): on a full disk the file keeps its
+        previous lines and :class:`DiskFull` names it."""
+        if self._fd is None:
+            raise ValueError(f"{self.path}: write to a closed JsonlWriter")
+        line = json.dumps(record, ensure_ascii=False, default=_json_default) + "\n"
+        append_whole(self._fd, line.encode("utf-8"), self.path)
 
     def close(self) -> None:
-        self._fh.close()
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            os.close(fd)
 
     def __enter__(self) -> JsonlWriter:
         return self
