@@ -198,3 +198,57 @@ def test_a_full_disk_stops_training_naming_the_checkpoint_and_keeps_the_last_goo
     metrics = json.loads((saved / "metrics.json").read_text())
     assert metrics["global_step"] == json.loads((straight / "metrics.json").read_text())["global_step"]
     assert_same_adapter(straight, saved)
+
+
+GENERATE = ["data=vqa_rad_sample_train", "generate.question_source=dataset", "generate.answers_per_question=2",
+            "generate.max_images=16", "generate.image_batch_size=1", "generate.answer.max_new_tokens=6",
+            "generate.progress=false", "print_summary=false", "num_threads=1"]
+
+
+def test_a_full_disk_stops_generation_naming_its_output_and_keeps_what_it_wrote(tmp_path, tiny_backbone_path):
+    require_tmpfs()
+
+    def argv(out_dir: Path, name: str) -> list[str]:
+        return [sys.executable, "-m", "stllava_med.generate", *GENERATE, f"out_dir={out_dir}",
+                f"hydra.run.dir={tmp_path / 'hydra' / name}"]
+
+    straight = tmp_path / "straight"
+    done = subprocess.run(argv(straight, "straight"), capture_output=True, text=True, timeout=600, env=_env())
+    assert done.returncode == 0, done.stderr[-3000:]
+    shard = straight / "candidates" / "candidates-00000.jsonl"
+    outputs = {shard, straight / "progress.jsonl", straight / "summary.json"}
+    small = sum(1 for p in straight.rglob("*") if p.is_file() and p.stat().st_size and p not in outputs)
+    # room for the run's small files, the progress file and about half of the candidates
+    pages = small + 2 + math.ceil(shard.stat().st_size / 4096) // 2
+    mount_at = tmp_path / "tmpfs"
+    out_dir = mount_at / "run"
+    plan = [{"op": "run", "argv": argv(out_dir, "full"), "log": str(tmp_path / "full")},
+            {"op": "copy", "src": str(out_dir), "dst": str(tmp_path / "after-full")},
+            {"op": "remount", "at": str(mount_at), "size": "16m"},
+            {"op": "run", "argv": argv(out_dir, "resumed"), "log": str(tmp_path / "resumed")},
+            {"op": "copy", "src": str(out_dir), "dst": str(tmp_path / "saved")}]
+    report = drive(tmp_path, plan, mount_at, f"{4 * pages}k", "generate")
+    full, resumed = report[0], report[3]
+
+    assert full["rc"] == 1, full["stderr"][-3000:]
+    lines = [line for line in full["stderr"].splitlines() if line.strip()]
+    named = [str(out_dir / "candidates" / "candidates-00000.jsonl"), str(out_dir / "progress.jsonl")]
+    assert any(lines[-1] == f"Error: disk full: no space left on device writing {path}" for path in named), \
+        full["stderr"][-3000:]
+    after = tmp_path / "after-full"
+    # what was written stays whole: every line parses, and the images marked done have all their candidates
+    progress = (after / "progress.jsonl").read_text()
+    candidates = (after / "candidates" / "candidates-00000.jsonl").read_text()
+    assert progress.endswith("\n") and candidates.endswith("\n")
+    done_images = [json.loads(line)["image_id"] for line in progress.splitlines()]
+    expected = shard.read_text().splitlines()
+    assert 0 < len(done_images) < 16
+    kept = candidates.splitlines()
+    assert kept == expected[:len(kept)]  # a prefix of the uninterrupted run's candidates, no torn line
+    assert {json.loads(line)["image_sha256"] for line in kept} >= set(done_images)
+    assert temp_debris(after) == []
+
+    assert resumed["rc"] == 0, resumed["stderr"][-3000:]
+    saved = tmp_path / "saved"
+    assert (saved / "candidates" / "candidates-00000.jsonl").read_text().splitlines() == expected
+    assert json.loads((saved / "summary.json").read_text())["images_done"] == 16
