@@ -39,7 +39,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from stllava_med.dpo.logps import LogProbs
-from stllava_med.utils.io import atomic_write_json, file_lock, sha256_file, stable_hash
+from stllava_med.utils.io import append_whole, atomic_write_json, file_lock, sha256_file, stable_hash
 
 log = logging.getLogger(__name__)
 
@@ -369,10 +369,12 @@ class ReferenceCache:
         with file_lock(self.lock):
             self._ensure_meta()
             self._drop_truncated_tail()
-            with open(self.path, "a", encoding="utf-8") as fh:
-                fh.write(lines)
-                fh.flush()
-                os.fsync(fh.fileno())
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o666)
+            try:  # whole lines or none (a full disk: DiskFull naming the cache file, the file as it was)
+                append_whole(fd, lines.encode("utf-8"), self.path)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
 
     def _drop_truncated_tail(self) -> None:
