@@ -42,13 +42,14 @@ import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader
 
 from stllava_med.dpo.logps import LogProbs, unwrap_model
 from stllava_med.dpo.reference import (
@@ -59,6 +60,7 @@ from stllava_med.dpo.reference import (
     tensor_fingerprint,
 )
 from stllava_med.utils.io import atomic_write_json, file_lock, sha256_file, stable_hash
+from stllava_med.utils.runtime import worker_ignores_sigterm
 
 log = logging.getLogger(__name__)
 
@@ -335,11 +337,12 @@ class CachedVision:
 
     def __init__(self, cache: VisionCache, items: Mapping[str, Any],
                  pixels: Callable[[list[Any]], tuple[torch.Tensor, list[list[int]]]], *, batch_size: int = 8,
-                 progress: bool = True, lossless: bool = True) -> None:
+                 progress: bool = True, lossless: bool = True, workers: int = 0) -> None:
         self.cache = cache
         self.items = dict(items)
         self.pixels = pixels
         self.batch_size = max(1, batch_size)
+        self.workers = max(0, workers)  # processes decoding the images of a fill (data.num_workers)
         self.progress = progress
         self.lossless = lossless
         self.ready = False
@@ -373,9 +376,8 @@ class CachedVision:
             return
         features: list[torch.Tensor] = []
         shapes: list[list[int]] = []
-        for start in range(0, len(ids), self.batch_size):
-            chunk = ids[start:start + self.batch_size]
-            pixel_values, chunk_shapes = self.pixels([self.items[i] for i in chunk])
+        chunks = [ids[start:start + self.batch_size] for start in range(0, len(ids), self.batch_size)]
+        for chunk, (pixel_values, chunk_shapes) in zip(chunks, self._pixel_batches(chunks)):
             if move is not None:
                 pixel_values = move(pixel_values)
             with torch.no_grad():
@@ -389,6 +391,17 @@ class CachedVision:
                 bar.update(len(chunk))
         self.cache.append(ids, torch.cat(features), shapes)
         self.computed += len(ids)
+
+    def _pixel_batches(self, chunks: list[list[str]]) -> Iterator[tuple[torch.Tensor, list[list[int]]]]:
+        """The pixels of each chunk of images, in order: decoded and processed by ``workers`` dataloader processes
+        while this one runs the tower (the same function on the same images: the same pixels), or here."""
+        items = [[self.items[i] for i in chunk] for chunk in chunks]
+        if self.workers == 0 or len(items) < 2:
+            yield from (self.pixels(chunk) for chunk in items)
+            return
+        loader = DataLoader(items, batch_size=None, shuffle=False, num_workers=min(self.workers, len(items)),
+                            collate_fn=self.pixels, worker_init_fn=worker_ignores_sigterm)
+        yield from loader
 
     def _room_for(self, one: torch.Tensor) -> bool:
         """Whether the fill fits on the cache's filesystem (checked once, on its first image)."""
@@ -443,4 +456,4 @@ def build_cached_vision(root: str | os.PathLike, model: torch.nn.Module, datamod
     collator.vision_lookup = VisionIndex(cache.dir)
     collator.vision_keep_pixels = not skip_pixels
     return CachedVision(cache, items, collator.pixel_batch, batch_size=batch_size, progress=progress,
-                        lossless=stored == tower_dtype)
+                        lossless=stored == tower_dtype, workers=datamodule.settings.num_workers)

@@ -11,7 +11,8 @@ from typing import Any
 
 import torch
 
-from stllava_med.chat import IGNORE_INDEX, ChatFormat, pad_sequences
+from stllava_med.chat import IGNORE_INDEX, ChatFormat, pad_sequences, vqa_turns
+from stllava_med.chat import encode as encode_conversation
 from stllava_med.data.images import image_preparer
 from stllava_med.data.pairs.encoding import EncodedPair, StandInImageProcessor, encode_pair, once_processor
 from stllava_med.data.preference import PreferencePair, resolve_image
@@ -63,12 +64,20 @@ class PairCollator:
         image = self.prepare_image(load_image(images[0], record_id=pair.id)) if images else None
         return encode_pair(self._once, self.fmt, pair, image)
 
+    def pixels(self, item: PairItem) -> torch.Tensor:
+        """The pixel values of the item's image, from the same processor call as its encoding (the image with the
+        prompt alone: the answers' tokens are not needed for the pixels)."""
+        pair = item.pair
+        path = resolve_image(pair.images[0], item.shard, self.image_root)
+        image = self.prepare_image(load_image(path, record_id=pair.id))
+        return encode_conversation(self.processor, vqa_turns(pair.prompt), self.fmt, image).pixel_values
+
     def pixel_batch(self, items: Sequence[PairItem]) -> tuple[torch.Tensor, list[list[int]]]:
         """The pixel values of the items' images (as training batches have them) and each image's pixel shape:
         what the vision feature cache is filled from."""
-        encoded = [self.encode(item) for item in items]
-        pixels = self.family.collate([{"pixel_values": e.chosen.pixel_values} for e in encoded])["pixel_values"]
-        return pixels, [list(e.chosen.pixel_values.shape[1:]) for e in encoded]
+        each = [self.pixels(item) for item in items]
+        pixels = self.family.collate([{"pixel_values": p} for p in each])["pixel_values"]
+        return pixels, [list(p.shape[1:]) for p in each]
 
     def _cached_images(self, items: Sequence[PairItem]) -> list[tuple[str, Any]] | None:
         """(digest, cache entry) of each item's image when every one has cached vision features, else None."""
