@@ -101,11 +101,40 @@ def quantization_config(quantization: str | None, compute_dtype: str | None = "b
     raise ValueError(f"unknown quantization {quantization!r}; use null, '4bit' or '8bit'")
 
 
+def _looks_like_a_path(name_or_path: str) -> bool:
+    """A local directory rather than a hub id (``org/name``): absolute, relative with ./ or ../, ~, or more than
+    one ``/``."""
+    text = str(name_or_path)
+    return text.startswith(("/", "./", "../", "~")) or text.count("/") > 1 or (os.sep != "/" and os.sep in text)
+
+
+def backbone_config(name_or_path: str, *, trust_remote_code: bool = False) -> Any:
+    """The model's config, with errors that say what is wrong with ``backbone.name_or_path``: a local directory
+    that does not exist or holds no ``config.json``, or a model that is not image-text-to-text (a text-only LLM
+    loads no image processor, and would fail further on with a less helpful message)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING
+
+    path = Path(os.path.expanduser(str(name_or_path)))
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise FileNotFoundError(f"backbone.name_or_path={name_or_path}: the directory holds no config.json (not a "
+                                "saved Hugging Face model; for an adapter directory set backbone.adapter_path)")
+    if not path.exists() and _looks_like_a_path(str(name_or_path)):
+        raise FileNotFoundError(f"backbone.name_or_path={name_or_path}: no such directory (a local model directory; "
+                                "a Hugging Face hub id has the form org/name and, offline, must be in the local cache)")
+    config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    if not trust_remote_code and type(config) not in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING:
+        architectures = ", ".join(getattr(config, "architectures", None) or []) or "no architectures listed"
+        raise ValueError(f"backbone.name_or_path={name_or_path}: a {config.model_type!r} model ({architectures}) is "
+                         "not an image-text-to-text model; the policy must be a vision-language model (LLaVA, "
+                         "LLaVA-NeXT, Qwen2.5-VL, Idefics3/SmolVLM, Gemma 3, ...)")
+    return config
+
+
 def load_processor(name_or_path: str, *, trust_remote_code: bool = False, padding_side: str | None = None) -> Any:
     """The model's processor with its family bound (:func:`stllava_med.families.bind`): the family's own chat
     template installed where it has one. Qwen2-VL-family processors load without torchvision (their video
     processor needs it; images use the PIL backend) — see :mod:`stllava_med.families.processor_loading`."""
-    config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    config = backbone_config(name_or_path, trust_remote_code=trust_remote_code)
     family = family_of(config)
     processor = load_processor_components(name_or_path, trust_remote_code=trust_remote_code)
     bind(processor, family, config)

@@ -33,6 +33,7 @@ from stllava_med.utils.run_identity import claim_run_dir
 from stllava_med.utils.runtime import (
     JUDGE_EXIT_BUDGET,
     JUDGE_EXIT_EXPERT,
+    apply_image_limit,
     exit_incomplete,
     finish_run,
     print_summary,
@@ -112,6 +113,7 @@ def _start(cfg: DictConfig) -> Path:
     # nor Lightning, and importing them would triple the start-up time of every (resumed) judge job.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     quiet_known_noise()
+    apply_image_limit(cfg)
     # the config's own directory (utils/run_identity.py); no lock: judges on one store share its work
     out_dir = claim_run_dir(cfg, resolve_out_dir(cfg, "judge"), "judge", lock=False)
     save_config(cfg, out_dir)

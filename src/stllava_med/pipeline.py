@@ -48,7 +48,7 @@ from stllava_med.utils.config import (
     stage_main,
 )
 from stllava_med.utils.io import atomic_write_json, atomic_write_text, file_lock
-from stllava_med.utils.runtime import finish_run, objective, quiet_known_noise
+from stllava_med.utils.runtime import apply_image_limit, finish_run, objective, quiet_known_noise
 
 log = logging.getLogger("stllava_med.pipeline")
 
@@ -295,6 +295,7 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
         def runner(out_dir: Path) -> dict[str, Any]:
             with open_dict(stage_cfg):
                 stage_cfg.out_dir = str(out_dir)
+            apply_image_limit(stage_cfg)
             return _plain(fn(stage_cfg, out_dir)) or {}
 
         stages[label] = run_stage(label, stage_dir, runner, logger_names(_plain(stage_cfg.get("logger"))),

@@ -187,6 +187,10 @@ class SFTData:
     num_workers: int = 0
     max_length: int | None = 2048         # tokens, image tokens included; longer conversations lose trailing pairs
     on_too_long: str = "drop_turns"       # drop_turns (counted) | error
+    # error: a missing image fails at load (per set: data.sets.<name>.on_missing_image), an unreadable one at its
+    # batch, naming the record | skip: every image is decoded before training; missing and unreadable ones (and
+    # those over max_image_pixels) are skipped with their conversations, counted in data_report.json
+    on_bad_image: str = "error"
     cache_images: bool = False            # keep decoded images in memory (small datasets)
     # keep: the processor's own resize / crop | pad: first to a square in the processor's mean colour
     # (LLaVA's expand2square, the official training's image_aspect_ratio=pad)
@@ -204,6 +208,8 @@ class SFTData:
             raise ValueError(f"data.val_fraction must be in [0, 1), got {settings.val_fraction}")
         if settings.on_too_long not in ("drop_turns", "error"):
             raise ValueError(f"data.on_too_long must be drop_turns or error, not {settings.on_too_long!r}")
+        if settings.on_bad_image not in ("error", "skip"):
+            raise ValueError(f"data.on_bad_image must be error or skip, not {settings.on_bad_image!r}")
         if settings.vqa_grouping not in ("image", "single"):
             raise ValueError(f"data.vqa_grouping must be image or single, not {settings.vqa_grouping!r}")
         _check_aspect(settings.image_aspect_ratio, "data.image_aspect_ratio")
@@ -495,6 +501,9 @@ class _Stage:
     # A run directory whose run_identity.json (or config.yaml) records another config (keys outside
     # run_dir_ignore differ): error (names each differing key, old -> new) | new (run in <out_dir>/run-<hash>)
     run_dir_mismatch: str = "error"
+    # An image with more pixels is a bad image (PIL's decompression-bomb guard): an error naming the record, or a
+    # counted skip where the stage skips bad images. null: no limit. 89478485 is PIL's default (~9459 x 9459).
+    max_image_pixels: int | None = 89_478_485
 
 
 @dataclass

@@ -60,8 +60,12 @@ def load_sft_records(data: SFTData) -> tuple[list[Any], dict[str, Any]]:
     records: list[Any] = []
     reports: dict[str, Any] = {}
     for name, spec in dataset_specs(data.sets).items():
+        if data.on_bad_image == "skip":
+            spec = {"on_missing_image": "skip", **spec}  # unless the set says otherwise
         conversations, report = load_conversations(
             name, spec, vqa_grouping=data.vqa_grouping, max_qa_per_conversation=data.max_qa_per_conversation)
+        if data.on_bad_image == "skip":
+            conversations = _drop_unreadable(conversations, report)
         reports[name] = {**report.to_json(), "conversations": len(conversations),
                          "pairs": sum(c.n_pairs for c in conversations)}
         log.info("%s: %d conversations, %d question/answer pairs", name, len(conversations),
@@ -69,6 +73,29 @@ def load_sft_records(data: SFTData) -> tuple[list[Any], dict[str, Any]]:
         records.extend(conversations)
     check_unique(records)
     return records, reports
+
+
+def _drop_unreadable(conversations: list[Any], report: Any) -> list[Any]:
+    """``data.on_bad_image=skip``: decode every image once now, so that one corrupt file is a counted skip
+    rather than a crash at its batch hours into training; a conversation whose image fails is dropped."""
+    from stllava_med.data.vqa import ImageError, load_image
+
+    bad: dict[str, str] = {}
+    for image in dict.fromkeys(c.image for c in conversations):
+        try:
+            load_image(image)
+        except ImageError as err:
+            bad[image] = str(err)
+    kept = []
+    for conversation in conversations:
+        if conversation.image in bad:
+            report.skip("bad_image", f"{conversation.id}: {bad[conversation.image]}")
+        else:
+            kept.append(conversation)
+    if bad:
+        log.warning("%s: data.on_bad_image=skip: %d unreadable image(s), %d conversation(s) skipped (e.g. %s)",
+                    report.source, len(bad), len(conversations) - len(kept), next(iter(bad.values())))
+    return kept
 
 
 def unfreeze_for_full_finetune(model: Any, *, train_vision: bool = False) -> int:

@@ -203,19 +203,40 @@ def resolve_shards(spec: str | os.PathLike | Sequence[str | os.PathLike], *,
 
 
 def iter_lines(path: Path) -> Iterator[tuple[int, str]]:
-    """(line number, text) of the non-empty lines of a file, read one at a time (shards can be large)."""
-    with open(path, encoding="utf-8") as fh:
+    """(line number, text) of the non-empty lines of a file, read one at a time (shards can be large). Bytes that
+    are not UTF-8 are kept as surrogate escapes, so that one bad line does not end the iteration:
+    :func:`parse_pair_line` refuses that line, naming it."""
+    with open(path, encoding="utf-8", errors="surrogateescape") as fh:
         for lineno, line in enumerate(fh, start=1):
             if line.strip():
                 yield lineno, line
 
 
+def _not_utf8(line: str) -> str | None:
+    try:
+        line.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raw = line[err.start].encode("utf-8", "surrogateescape")
+        return f"not UTF-8 text (byte 0x{raw[0]:02x} at column {err.start + 1})"
+    return None
+
+
 def parse_pair_line(line: str, where: str) -> PreferencePair:
+    """One JSONL line as a pair; a line that is not UTF-8, not JSON or not a valid pair is a
+    :class:`BadPairError` naming ``where`` (file and line) and the field."""
+    problem = _not_utf8(line)
+    if problem:
+        raise BadPairError(f"{where}: {problem}")
     try:
         obj = json.loads(line)
     except json.JSONDecodeError as err:
         raise BadPairError(f"{where}: malformed JSON ({err.msg} at column {err.colno})") from err
-    return PreferencePair.from_json(obj, where=where)
+    try:
+        return PreferencePair.from_json(obj, where=where)
+    except BadPairError:
+        raise
+    except (ValueError, TypeError) as err:
+        raise BadPairError(str(err) if str(err).startswith(where) else f"{where}: {err}") from err
 
 
 def iter_pairs(shards: Sequence[Path]) -> Iterator[tuple[PreferencePair, Path, int]]:

@@ -12,6 +12,7 @@ import hashlib
 import io
 import json
 import logging
+import warnings
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -152,6 +153,13 @@ def _text(value: Any, where: str, name: str) -> str:
     return text
 
 
+def _integer(value: Any, where: str, name: str) -> int:
+    """An integer field (a JSON number, or a string of digits as some exports write ids)."""
+    if isinstance(value, bool) or not isinstance(value, int | str) or not str(value).strip().lstrip("-").isdigit():
+        raise ValueError(f"{where}: field {name!r} must be an integer, got {type(value).__name__} {value!r}"[:300])
+    return int(value)
+
+
 def _answer_type(value: Any, where: str) -> str:
     try:
         return normalize_answer_type(value)
@@ -190,16 +198,57 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV
 
 
+# PIL's decompression-bomb guard (PIL warns above Image.MAX_IMAGE_PIXELS and refuses above twice that); here one
+# limit, the stage setting ``max_image_pixels``, above which an image is a bad image like an unreadable one: an
+# ImageError naming the record, or a counted skip where the stage skips bad images.
+DEFAULT_MAX_IMAGE_PIXELS = 89_478_485  # PIL's own default, about 9459 x 9459
+
+
+def set_max_image_pixels(limit: int | None) -> None:
+    """Apply the ``max_image_pixels`` setting (null: no limit) to every later image open in this process (and
+    the DataLoader workers it forks)."""
+    if limit is not None and (isinstance(limit, bool) or int(limit) < 1):
+        raise ValueError(f"max_image_pixels must be a positive number of pixels or null, not {limit!r}")
+    Image.MAX_IMAGE_PIXELS = None if limit is None else int(limit)
+
+
+def _too_large(path: Path, where: str, err: Exception) -> ImageError:
+    return ImageError(f"{where}image {path} is larger than max_image_pixels={Image.MAX_IMAGE_PIXELS} ({err}); if it "
+                      "is a genuine image, raise the limit: max_image_pixels=<pixels> (or null for none)")
+
+
+def open_image_header(path: str | Path, *, record_id: str | None = None) -> tuple[int, int]:
+    """An image's (width, height) from its header (no decoding), with :func:`load_image`'s errors."""
+    where = f"record {record_id!r}: " if record_id is not None else ""
+    path = Path(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                return img.size
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise _too_large(path, where, err) from None
+    except FileNotFoundError:
+        raise ImageError(f"{where}image not found: {path}") from None
+    except (UnidentifiedImageError, OSError, ValueError) as err:
+        raise ImageError(f"{where}cannot read image {path}: {err}") from err
+
+
 def load_image(path: str | Path, *, record_id: str | None = None) -> Image.Image:
-    """Open an image as RGB; a missing or undecodable file raises :class:`ImageError` naming record and path."""
+    """Open an image as RGB; a missing, undecodable or over-``max_image_pixels`` file raises :class:`ImageError`
+    naming record and path."""
     where = f"record {record_id!r}: " if record_id is not None else ""
     path = Path(path)
     if not path.is_file():
         raise ImageError(f"{where}image not found: {path}")
     try:
-        with Image.open(path) as img:
-            img.load()
-            return to_rgb(img)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                img.load()
+                return to_rgb(img)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise _too_large(path, where, err) from None
     except (UnidentifiedImageError, OSError, ValueError) as err:
         raise ImageError(f"{where}cannot read image {path}: {err}") from err
 
@@ -267,10 +316,10 @@ def load_vqa_rad(root: str | Path, split: str = "test", *, on_missing_image: str
     records = []
     for index, row in enumerate(_list_of_records(load_json(path), path)):
         where = f"{path}: record {index}"
-        qid = _require(row, "qid", where)
+        qid = _integer(_require(row, "qid", where), where, "qid")
         records.append(VQARecord(
-            id=str(int(qid) - 1),
-            source_id=int(qid) - 1,
+            id=str(qid - 1),
+            source_id=qid - 1,
             image=str(images / str(_require(row, "image_name", where))),
             question=_text(_require(row, "question", where), where, "question"),
             answer=_text(_require(row, "answer", where), where, "answer"),

@@ -46,6 +46,7 @@ DEFAULT_IGNORE = (
     "objective",             # what a sweeper optimises (the entry point's return value), not the run
     "objective_direction",
     "run_dir_mismatch",      # what to do with a run directory made by another config (utils/run_identity.py)
+    "max_image_pixels",      # raised after an image was refused as too large: the same run resumes
 )
 
 # Environment variables whose *values* must never reach a saved config or a log line.

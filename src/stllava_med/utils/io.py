@@ -209,21 +209,42 @@ class JsonlWriter:
         self.close()
 
 
+def _utf8_text(path: Path) -> str:
+    """A file's text; bytes that are not UTF-8 are an error naming the file, line and column."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        column = err.start - (data.rfind(b"\n", 0, err.start) + 1) + 1
+        raise ValueError(f"{path}: not UTF-8 text at line {line}, column {column} (byte 0x{data[err.start]:02x}); "
+                         "save the file as UTF-8") from None
+
+
 def read_jsonl(path: str | os.PathLike, *, allow_truncated_tail: bool = False) -> Iterator[dict]:
-    """Yield records of a JSONL file; a malformed line is an error naming the file and line number.
+    """Yield records of a JSONL file; a malformed line (or one that is not UTF-8) is an error naming the file
+    and line number.
 
     ``allow_truncated_tail`` tolerates an unterminated last line (what a killed writer leaves behind) so
     that resumable stages can continue after a crash."""
     path = Path(path)
-    with open(path, encoding="utf-8") as fh:
-        lines = fh.readlines()
-    for lineno, line in enumerate(lines, start=1):
-        if not line.strip():
+    parts = path.read_bytes().split(b"\n")  # b"\n" only, as a file's lines (JSON text may hold U+2028 raw)
+    lines = [part + b"\n" for part in parts[:-1]] + ([parts[-1]] if parts[-1] else [])
+    for lineno, raw in enumerate(lines, start=1):
+        if not raw.strip():
             continue
+        torn_tail = allow_truncated_tail and lineno == len(lines) and not raw.endswith(b"\n")
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            if torn_tail:
+                return
+            raise ValueError(f"{path}:{lineno}: not UTF-8 text (byte 0x{raw[err.start]:02x} at column "
+                             f"{err.start + 1}); save the file as UTF-8") from None
         try:
             yield json.loads(line)
         except json.JSONDecodeError as err:
-            if allow_truncated_tail and lineno == len(lines) and not line.endswith("\n"):
+            if torn_tail:
                 return
             raise ValueError(f"{path}:{lineno}: malformed JSON ({err.msg} at column {err.colno})") from err
 
@@ -237,9 +258,9 @@ def write_jsonl(path: str | os.PathLike, records: Iterable[dict]) -> Path:
 def load_json(path: str | os.PathLike) -> Any:
     """json.load with an error that names the file, line and column."""
     path = Path(path)
+    text = _utf8_text(path)
     try:
-        with open(path, encoding="utf-8") as fh:
-            return json.load(fh)
+        return json.loads(text)
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}: malformed JSON at line {err.lineno}, column {err.colno}: {err.msg}") from err
 

@@ -129,11 +129,19 @@ def print_summary(title: str, rows: Mapping[str, Any]) -> None:
 # --------------------------------------------------------------------------------------------------------------
 
 
+def apply_image_limit(cfg: DictConfig | Mapping[str, Any]) -> None:
+    """The stage's ``max_image_pixels`` for every image this process opens from now on."""
+    from stllava_med.data.vqa import DEFAULT_MAX_IMAGE_PIXELS, set_max_image_pixels
+
+    set_max_image_pixels(cfg.get("max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS))  # null: no limit
+
+
 def start_run(cfg: DictConfig, stage: str) -> Path:
     """Resolve and create the run directory, save the resolved config, seed, cap threads."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     quiet_known_noise()
     setup_torch_threads(cfg.get("num_threads"))
+    apply_image_limit(cfg)
     out_dir = claim_run_dir(cfg, resolve_out_dir(cfg, stage), stage)  # this config's, and this process's
     if cfg.get("out_dir") and Path(str(cfg.out_dir)).expanduser().resolve() != out_dir:  # run_dir_mismatch=new
         with open_dict(cfg):

@@ -12,7 +12,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm.auto import tqdm
 
@@ -22,6 +21,7 @@ from stllava_med.data.pairs.collate import identity_collate
 from stllava_med.data.pairs.encoding import EncodedPair, encode_pair, once_processor
 from stllava_med.data.pairs.settings import PreferenceDataSettings
 from stllava_med.data.preference import (
+    BadPairError,
     PreferencePair,
     SkipReport,
     handle_bad,
@@ -30,7 +30,7 @@ from stllava_med.data.preference import (
     parse_pair_line,
     resolve_image,
 )
-from stllava_med.data.vqa import ImageError, load_image
+from stllava_med.data.vqa import ImageError, load_image, open_image_header
 from stllava_med.utils.io import atomic_write_json, load_json, sha256_file, stable_hash
 
 log = logging.getLogger(__name__)
@@ -107,9 +107,9 @@ class PairMeasurer:
             try:
                 n_tokens = None
                 if images:
-                    with Image.open(images[0]) as img:  # the header only: no decoding
-                        size = (max(img.size),) * 2 if self.pad else img.size  # pad: a square of the long side
-                        n_tokens = self._image_tokens(size)
+                    size = open_image_header(images[0], record_id=pair.id)  # the header only: no decoding
+                    size = (max(size),) * 2 if self.pad else size  # pad: a square of the long side
+                    n_tokens = self._image_tokens(size)
                 c_len, c_first, c_count = self._text_lengths(vqa_turns(pair.prompt, pair.chosen), n_tokens)
                 r_len, r_first, r_count = self._text_lengths(vqa_turns(pair.prompt, pair.rejected), n_tokens)
                 measured = PairLengths(min(c_first, r_first), c_count, r_count, max(c_len, r_len))
@@ -230,7 +230,12 @@ def scan_one(line: str, shard_index: int, shard: Path, lineno: int, measurer: Pa
     bad pairs when ``on_bad_pair`` is ``error``."""
     where = f"{shard}:{lineno}"
     report = SkipReport()
-    pair = parse_pair_line(line, where)
+    try:
+        pair = parse_pair_line(line, where)
+    except BadPairError as err:  # not UTF-8, not JSON, a missing or wrong-typed field
+        if settings.on_bad_pair != "skip":
+            raise BadPairError(f"{err} (set data.on_bad_pair=skip to skip such lines, counted)") from None
+        return {"skip": ("malformed", str(err))}
     where = f"{where} (pair {pair.id!r})"
     images = [resolve_image(i, shard, settings.image_root) for i in pair.images]
     problem = pair_problem(pair, images)
