@@ -21,36 +21,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from test_selftrain_judge import _env, _judge_command, make_candidates  # noqa: E402
 
 from openai_server import OpenAITestServer  # noqa: E402
+from tmpfs import require_tmpfs, run_on_tmpfs  # noqa: E402
 
 pytestmark = pytest.mark.integration
 
 
-def _private_tmpfs_works(probe: Path) -> str | None:
-    """None when ``unshare -rm`` can mount a tmpfs here, else why not."""
-    if shutil.which("unshare") is None:
-        return "no unshare(1) on this machine"
-    probe.mkdir(parents=True, exist_ok=True)
-    done = subprocess.run(["unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o size=64k tmpfs '{probe}'"],
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        return f"cannot mount a tmpfs in a private mount namespace: {done.stderr.strip()[:200]}"
-    return None
-
-
 def _on_full_tmpfs(command: list[str], mount_at: Path, size: str, save_to: Path, env: dict) -> subprocess.CompletedProcess:
     """Run ``command`` with a ``size`` tmpfs mounted at ``mount_at`` (private to the command), then copy what it
-    left there to ``save_to`` (the tmpfs ends with the namespace)."""
-    script = ('mount -t tmpfs -o size="$1" tmpfs "$2" || exit 97; dest="$3"; shift 3; "$@"; rc=$?; '
-              'cp -a "$MOUNT_AT/." "$dest/"; exit $rc')
+    left there to ``save_to`` (the tmpfs ends with the command)."""
     save_to.mkdir(parents=True, exist_ok=True)
-    return subprocess.run(["unshare", "-rm", "sh", "-c", script, "sh", size, str(mount_at), str(save_to), *command],
-                          env={**env, "MOUNT_AT": str(mount_at)}, capture_output=True, text=True, timeout=300)
+    then_copy = ['sh', '-c', '"$@"; rc=$?; cp -a "$MOUNT_AT/." "$SAVE_TO/"; exit $rc', 'sh', *command]
+    return run_on_tmpfs(then_copy, mount_at, size, env={**env, "MOUNT_AT": str(mount_at), "SAVE_TO": str(save_to)},
+                        timeout=300)
 
 
 def test_full_disk_stops_the_judge_with_the_store_named_and_loses_no_request(tmp_path, sample_dir):
-    reason = _private_tmpfs_works(tmp_path / "probe")
-    if reason:
-        pytest.skip(reason)
+    require_tmpfs()
     candidates = make_candidates(sample_dir, 60, k=2)
     candidates_path = tmp_path / "candidates.jsonl"
     candidates_path.write_text("".join(json.dumps(c.to_json()) + "\n" for c in candidates))
