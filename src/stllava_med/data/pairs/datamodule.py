@@ -3,6 +3,7 @@ for :class:`stllava_med.dpo.module.DPOModule` (the guarantees are listed in :mod
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections import Counter
@@ -26,6 +27,27 @@ from stllava_med.utils.io import atomic_write_json, stable_hash
 from stllava_med.utils.runtime import worker_ignores_sigterm
 
 log = logging.getLogger(__name__)
+
+
+# The scan runs in the main process when its files hold fewer pairs than this per dataloader worker: the scan
+# measures a pair in ~1.5 ms there, and starting a worker (fork, its first full encode, the result queue) costs
+# ~0.15 s, so workers only pay off on larger files. The scan's result does not depend on who scans.
+SCAN_PAIRS_PER_WORKER = 256
+
+
+def scan_settings(settings: PreferenceDataSettings, shards: Sequence[Path]) -> PreferenceDataSettings:
+    """``settings`` for scanning ``shards``: no workers for small files (:data:`SCAN_PAIRS_PER_WORKER`)."""
+    if settings.num_workers == 0:
+        return settings
+    enough = SCAN_PAIRS_PER_WORKER * settings.num_workers
+    lines = 0
+    for shard in shards:
+        with open(shard, "rb") as fh:
+            for line in fh:
+                lines += bool(line.strip())
+                if lines >= enough:
+                    return settings
+    return dataclasses.replace(settings, num_workers=0)
 
 
 class PreferenceDataModule(LightningDataModule):
@@ -87,11 +109,11 @@ class PreferenceDataModule(LightningDataModule):
         settings = self.settings
         self.conversions = []
         train_shards = self._shards(settings.path)
-        self.train_scan = scan_pairs(train_shards, self.processor, self.fmt, settings,
+        self.train_scan = scan_pairs(train_shards, self.processor, self.fmt, scan_settings(settings, train_shards),
                                      cache_dir=settings.scan_cache_dir, desc="scan pairs")
         if settings.val_path:
             val_shards = self._shards(settings.val_path)
-            self.val_scan = scan_pairs(val_shards, self.processor, self.fmt, settings,
+            self.val_scan = scan_pairs(val_shards, self.processor, self.fmt, scan_settings(settings, val_shards),
                                        cache_dir=settings.scan_cache_dir, desc="scan validation pairs")
 
     def prepare_data(self) -> None:
