@@ -21,8 +21,11 @@ was available when the benchmark was written).
 
 Each contender runs in a fresh subprocess; time counts everything after the model is loaded (for us: the
 pair scan, the reference pre-computation and training; for TRL: dataset building, trainer set-up and
-training). Peak memory is the peak RSS (process + its dataloader workers, sampled every 5 ms) above the
-RSS right after the model load, and on a GPU the peak allocated CUDA memory — measured the same way for both.
+training; with the vision cache, its fill). Peak memory is the process's peak RSS above its RSS right after
+the model load, plus the peak unique memory (USS) of its dataloader workers (sampled every 20 ms), and on a GPU the
+peak allocated CUDA memory — measured the same way for both. Both get the same dataloader workers (``--workers``,
+by default ``train_dpo``'s ``data.num_workers``), and TRL's dataset lists the pairs in the order our worker-sharded
+loader trains them, so the per-step losses compare (``--pairs`` a multiple of workers x batch size).
 """
 
 from __future__ import annotations
@@ -205,7 +208,9 @@ def long_answers(n_pairs: int, out: Path, records: list[Any], wrong: dict[str, s
 
 class PeakMemory:
     """Peak resident memory of this process above its level at entry (the kernel's high-water mark, reset on
-    entry through /proc/self/clear_refs), plus the peak of its dataloader workers (sampled every 20 ms)."""
+    entry through /proc/self/clear_refs), plus the peak of its dataloader workers (sampled every 20 ms) — their
+    unique memory (USS: the pages only they hold). A forked worker shares the parent's pages until it writes
+    them; its RSS would count the model and the libraries a second time, its USS counts what it adds."""
 
     def __init__(self) -> None:
         import psutil
@@ -228,7 +233,7 @@ class PeakMemory:
             total = 0
             for child in self.process.children(recursive=True):
                 with contextlib.suppress(Exception):  # a worker that just exited
-                    total += child.memory_info().rss
+                    total += child.memory_full_info().uss
             self.worker_peak = max(self.worker_peak, total)
             time.sleep(0.02)
 
@@ -320,8 +325,14 @@ def run_ours(args: argparse.Namespace, model_dir: Path, pairs_dir: Path, work: P
                 batch_size=args.batch_size, progress=False)
         else:
             reference = policy_reference
+        vision = None
+        if getattr(args, "vision", False):  # the stage's default (dpo.vision_cache_dir): a fresh cache, filled inside the timed run
+            from stllava_med.dpo.vision_cache import build_cached_vision
+
+            vision = build_cached_vision(work / "vision", backbone.model, datamodule, batch_size=args.batch_size,
+                                         progress=False)
         module = DPOModule(backbone.model, reference, DPOSettings(beta=0.1, prefix_sharing=args.prefix_sharing),
-                           {"lr": args.lr, "projector_lr": args.lr, "warmup_ratio": 0.0})
+                           {"lr": args.lr, "projector_lr": args.lr, "warmup_ratio": 0.0}, vision_cache=vision)
         losses: list[float] = []
         step_ends: list[float] = []  # when each optimizer step's loss was recorded (device_check: per-step times)
 
@@ -338,12 +349,29 @@ def run_ours(args: argparse.Namespace, model_dir: Path, pairs_dir: Path, work: P
         if args.device == "cuda":
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - start
-    return {"name": f"ours ({args.reference}, prefix sharing {'on' if args.prefix_sharing else 'off'})",
+    return {"name": f"ours ({args.reference}, prefix sharing {'on' if args.prefix_sharing else 'off'}"
+                    f"{', vision cache' if vision is not None else ''})",
             "seconds": elapsed, "pairs": len(datamodule.train_entries), "steps": len(losses),
             "first_loss": losses[0], "mean_loss": sum(losses) / len(losses), "losses": losses, "lora_init": lora_init,
             "step_seconds": [b - a for a, b in zip(step_ends, step_ends[1:])],
             "peak_rss_mb": memory.peak_increase_mb,
             "peak_cuda_mb": torch.cuda.max_memory_allocated() / 2**20 if args.device == "cuda" else None}
+
+
+def trained_order(n_pairs: int, workers: int, batch_size: int) -> list[int]:
+    """The file positions of ``n_pairs`` pairs in the order our loader trains them (``shuffle_buffer=1``, one
+    rank): worker ``w`` of ``W`` streams the pairs ``k % W == w`` in file order, in batches, and the DataLoader
+    takes one batch from each worker in turn. With 0 or 1 workers: file order. When ``n_pairs`` is not a
+    multiple of ``W x batch_size`` our slots are padded (zero-weight repeats): the steps then differ from TRL's."""
+    width = max(1, workers)
+    slots = [list(range(slot, n_pairs, width)) for slot in range(width)]
+    batches = [[items[i:i + batch_size] for i in range(0, len(items), batch_size)] for items in slots]
+    order: list[int] = []
+    for index in range(max(len(b) for b in batches) if n_pairs else 0):
+        for slot_batches in batches:
+            if index < len(slot_batches):
+                order.extend(slot_batches[index])
+    return order
 
 
 def run_trl(args: argparse.Namespace, model_dir: Path, pairs_dir: Path, work: Path) -> dict[str, Any]:
@@ -371,7 +399,9 @@ def run_trl(args: argparse.Namespace, model_dir: Path, pairs_dir: Path, work: Pa
             torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
         columns: dict[str, list[Any]] = {"images": [], "prompt": [], "chosen": [], "rejected": []}
-        for pair, shard, _ in iter_pairs(resolve_shards(pairs_dir)):
+        in_file = [(pair, shard) for pair, shard, _ in iter_pairs(resolve_shards(pairs_dir))]
+        # the order our loader trains them in (its worker-sharded layout), so that the per-step losses compare
+        for pair, shard in (in_file[k] for k in trained_order(len(in_file), args.workers, args.batch_size)):
             # The same rendered prompt and target tokens as ours: TRL tokenises prompt and completion apart.
             columns["images"].append([str(resolve_image(pair.images[0], shard))])
             columns["prompt"].append(prompt_text(processor, vqa_turns(pair.prompt), "assistant",
@@ -414,6 +444,13 @@ def run_trl(args: argparse.Namespace, model_dir: Path, pairs_dir: Path, work: Pa
             "peak_cuda_mb": torch.cuda.max_memory_allocated() / 2**20 if args.device == "cuda" else None}
 
 
+def stage_workers() -> int:
+    """``data.num_workers`` of ``python -m stllava_med.train_dpo`` (the stage schema's default)."""
+    from stllava_med.schema import DPOStage
+
+    return int(DPOStage().data.num_workers)
+
+
 def child(args: argparse.Namespace) -> None:
     import torch
 
@@ -448,18 +485,22 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads per contender (1: steadiest on a shared machine)")
-    parser.add_argument("--workers", type=int, default=0, help="dataloader workers, the same for both")
+    parser.add_argument("--workers", type=int, default=stage_workers(),
+                        help="dataloader workers, the same for both (default: train_dpo's data.num_workers, "
+                             "%(default)s)")
     parser.add_argument("--repeats", type=int, default=1, help="rounds (TRL and ours alternate); medians reported")
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--shape", choices=["bench", "paper_tiny", "llava7b"], nargs="+", default=["bench"],
                         help="one or more shapes, measured in the same rounds; a summary of the ratios follows")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--ours", default="adapter_off:on,precomputed:on,adapter_off:off",
-                        help="our variants, reference:prefix-sharing, comma separated")
+    parser.add_argument("--ours", default="adapter_off:on:vision,adapter_off:on,precomputed:on:vision,adapter_off:off",
+                        help="our variants, reference:prefix-sharing[:vision], comma separated; ':vision' adds the "
+                             "vision feature cache (train_dpo's default dpo.vision_cache_dir), fresh in each run")
     parser.add_argument("--contender", choices=["ours", "trl"], help=argparse.SUPPRESS)
     parser.add_argument("--reference", default="precomputed", help=argparse.SUPPRESS)
     parser.add_argument("--prefix-sharing", type=lambda v: v == "on", default=True, help=argparse.SUPPRESS)
+    parser.add_argument("--vision", type=lambda v: v == "vision", default=False, help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
     parser.add_argument("--pairs-dir", help=argparse.SUPPRESS)
@@ -472,7 +513,7 @@ def main() -> None:
     import statistics
 
     shapes = list(dict.fromkeys(args.shape))
-    runs = [("trl", "-", "-")] + [("ours", *v.split(":")) for v in args.ours.split(",") if v]
+    runs = [("trl", "-", "-", "-")] + [("ours", *(v.split(":") + ["-"])[:3]) for v in args.ours.split(",") if v]
     results: dict[tuple[str, int], list[dict[str, Any]]] = {(sh, i): [] for sh in shapes for i in range(len(runs))}
     summaries: dict[str, str] = {}
     with tempfile.TemporaryDirectory(prefix="bench-dpo-") as tmp:
@@ -487,11 +528,11 @@ def main() -> None:
             summaries[shape] = shape_summary(model_dirs[shape], pairs_dirs[shape])
         for round_index in range(args.repeats):
             for shape in shapes:
-                for index, (contender, reference, sharing) in enumerate(runs):
+                for index, (contender, reference, sharing, vision) in enumerate(runs):
                     run_work = work / f"r{round_index}-{shape}-{index}"
                     run_work.mkdir()
                     command = [sys.executable, __file__, "--contender", contender, "--reference", reference,
-                               "--prefix-sharing", sharing, "--work", str(run_work),
+                               "--prefix-sharing", sharing, "--vision", vision, "--work", str(run_work),
                                "--model-dir", str(model_dirs[shape]), "--pairs-dir", str(pairs_dirs[shape]),
                                "--batch-size", str(args.batch_size), "--threads", str(args.threads),
                                "--workers", str(args.workers), "--lr", str(args.lr), "--seed", str(args.seed),
@@ -517,6 +558,9 @@ def main() -> None:
               f"({summaries[shape]}), {device}, {args.workers} dataloader workers, {args.repeats} round(s), medians:")
         same_init = len({r["lora_init"] for i in range(len(runs)) for r in results[shape, i]}) == 1
         print(f"identical LoRA initialisation for all runs: {'yes' if same_init else 'NO'}")
+        if trl[0]["pairs"] % (max(1, args.workers) * args.batch_size):
+            print(f"note: {trl[0]['pairs']} pairs are not a multiple of {max(1, args.workers)} workers x batch "
+                  f"{args.batch_size}: our slots are padded, so the per-step losses do not pair up with TRL's")
         header = ("| run | pairs/s | vs TRL | seconds | steps | mean loss | max step-loss gap to TRL | peak memory above start (MB) |"
                   + (" peak CUDA (MB) |" if args.device == "cuda" else ""))
         print(header)
