@@ -252,3 +252,55 @@ def test_a_full_disk_stops_generation_naming_its_output_and_keeps_what_it_wrote(
     saved = tmp_path / "saved"
     assert (saved / "candidates" / "candidates-00000.jsonl").read_text().splitlines() == expected
     assert json.loads((saved / "summary.json").read_text())["images_done"] == 16
+
+
+def _pages(folder: Path, *, skip: str = "") -> int:
+    """4 KiB pages the files under ``folder`` take on a tmpfs (minus those under ``skip``)."""
+    return sum(math.ceil(p.stat().st_size / 4096) or 1 for p in folder.rglob("*")
+               if p.is_file() and not (skip and skip in p.relative_to(folder).parts))
+
+
+def test_a_full_disk_during_the_merged_export_names_it_and_the_rerun_exports(tmp_path, tiny_backbone_path):
+    require_tmpfs()
+    overrides = [o for o in dpo_overrides(tmp_path, tmp_path / "unused") if not o.startswith("export.merged=")]
+    straight_dir = tmp_path / "dpo-straight"
+    straight = subprocess.run(stage_argv("dpo", [*overrides, f"out_dir={straight_dir}", "export.merged=true"],
+                                         tmp_path / "hydra" / "straight"),
+                              capture_output=True, text=True, timeout=600, env=_env())
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    merged_pages = _pages(straight_dir / "merged")
+    ckpt_pages = math.ceil((straight_dir / "checkpoints" / "last.ckpt").stat().st_size / 4096)
+    # room for what the run directory holds besides the merged weights (three checkpoints: last, last.prev, the
+    # newest step file; the adapter, small files), one more checkpoint being written, and half the merged
+    # weights: training fits, the disk fills during the merged export
+    room = _pages(straight_dir, skip="merged") + ckpt_pages + 32
+    assert merged_pages > 4 * 32, "the merged export must be larger than the slack for this test to mean anything"
+    mount_at = tmp_path / "tmpfs"
+    out_dir = mount_at / "run"
+    argv = stage_argv("dpo", [*overrides, f"out_dir={out_dir}", "export.merged=true"], tmp_path / "hydra" / "full")
+    plan = [{"op": "run", "argv": argv, "log": str(tmp_path / "full")},
+            {"op": "copy", "src": str(out_dir), "dst": str(tmp_path / "after-full")},
+            {"op": "remount", "at": str(mount_at), "size": "64m"},
+            {"op": "run", "argv": argv, "log": str(tmp_path / "resumed")},
+            {"op": "copy", "src": str(out_dir), "dst": str(tmp_path / "saved")}]
+    report = drive(tmp_path, plan, mount_at, f"{4 * (room + merged_pages // 2)}k", "export")
+    full, resumed = report[0], report[3]
+
+    assert full["rc"] == 1, full["stderr"][-3000:]
+    lines = [line for line in full["stderr"].splitlines() if line.strip()]
+    assert lines[-1] == f"Error: disk full: no space left on device writing the merged model {out_dir / 'merged'}", \
+        full["stderr"][-3000:]
+    after = tmp_path / "after-full"
+    assert temp_debris(after) == [] and not (after / "merged").exists()  # no half-written export
+    assert not (after / "metrics.json").exists()  # the run is not complete
+    assert checkpoint_steps(after / "checkpoints")["last.ckpt"] == STEPS  # training's end is kept
+
+    assert resumed["rc"] == 0, resumed["stderr"][-3000:]
+    saved = tmp_path / "saved"
+    assert temp_debris(saved) == []
+    assert json.loads((saved / "metrics.json").read_text())["global_step"] == STEPS
+    expected = load_file(straight_dir / "merged" / "model.safetensors")
+    actual = load_file(saved / "merged" / "model.safetensors")
+    assert expected.keys() == actual.keys()
+    for name, tensor in expected.items():
+        assert torch.equal(actual[name], tensor), name
