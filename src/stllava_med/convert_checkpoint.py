@@ -42,9 +42,7 @@ import logging
 import math
 import os
 import re
-import shutil
 import sys
-import tempfile
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -54,6 +52,7 @@ from typing import Any
 import torch
 
 from stllava_med.prompts import SYSTEM_PRESETS
+from stllava_med.utils.io import write_dir_atomically
 
 log = logging.getLogger("stllava_med.convert_checkpoint")
 
@@ -615,13 +614,14 @@ def convert(source: str | os.PathLike, out_dir: str | os.PathLike, *, vision_tow
 
     # ---- write atomically ----
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
-    try:
+    report: dict[str, Any] = {}
+
+    def write(tmp: Path) -> None:
         files = write_shards(tensors(), tmp, parse_size(max_shard_size))
         config.save_pretrained(tmp)
         generation.save_pretrained(tmp)
         processor.save_pretrained(tmp)
-        report = {
+        report.update({
             "source": str(source.resolve()),
             "projector_source": str(Path(projector).resolve()) if projector is not None else None,
             "vision_tower_source": vision_from,
@@ -641,16 +641,12 @@ def convert(source: str | os.PathLike, out_dir: str | os.PathLike, *, vision_tow
             "chat_template": "family" if family.chat_template(config) else f"official ({conv_mode})",
             "not_carried": sorted(dropped),
             "files": files,
-        }
+        })
         (tmp / "conversion.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    write_dir_atomically(out_dir, write, what=f"the converted model {out_dir}")
     log.info("%s -> %s (%s, %s projector, %d shard(s))", source, out_dir, model_class.__name__, projector_type,
-             len(files))
+             len(report["files"]))
     return ConversionResult(out_dir=out_dir, model_type=config.model_type, projector_type=projector_type,
                             report=report)
 

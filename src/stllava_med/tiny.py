@@ -10,8 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +26,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from stllava_med.utils.io import file_lock, sha256_file
+from stllava_med.utils.io import file_lock, sha256_file, write_dir_atomically
 
 log = logging.getLogger(__name__)
 
@@ -223,15 +221,8 @@ def ensure_tiny_backbone(path: str | os.PathLike, spec: TinySpec) -> Path:
         if path.exists():
             log.warning("the tiny backbone at %s was built from another recipe or corpus; rebuilding", path)
         log.info("building the tiny backbone at %s (seed %d)", path, spec.seed)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
-        try:
-            build_tiny_backbone(tmp, spec)
-            if path.exists():  # a half-written directory from an older crash
-                shutil.rmtree(path)
-            os.replace(tmp, path)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        # built beside it, fsynced, renamed over it (a half-written directory from an older crash is replaced)
+        write_dir_atomically(path, lambda tmp: build_tiny_backbone(tmp, spec), what=f"the tiny backbone {path}")
     return path
 
 

@@ -57,3 +57,27 @@ def test_atomic_json_and_stable_hash(tmp_path):
     assert json.loads(path.read_text()) == {"b": 1, "a": [1, 2]}
     assert not [p for p in path.parent.iterdir() if p.name.endswith(".tmp")]
     assert stable_hash({"a": 1, "b": 2}) == stable_hash({"b": 2, "a": 1}) != stable_hash({"a": 1, "b": 3})
+
+
+def test_atomic_writes_give_the_modes_a_plain_write_gives(tmp_path):
+    """mkstemp / mkdtemp create 0600 / 0700: a run directory shared with a group must stay readable."""
+    import os
+
+    from stllava_med.utils.io import atomic_write_text, write_dir_atomically
+
+    mask = os.umask(0o027)
+    try:
+        written = atomic_write_text(tmp_path / "metrics.json", "{}")
+        assert written.stat().st_mode & 0o777 == 0o640
+
+        def export(folder):
+            (folder / "model.safetensors").write_bytes(b"x")
+            os.chmod(folder / "model.safetensors", 0o600)  # as a library's temp file moved into place
+            (folder / "config.json").write_text("{}")
+
+        out = write_dir_atomically(tmp_path / "merged", export)
+    finally:
+        os.umask(mask)
+    assert out.stat().st_mode & 0o777 == 0o750
+    assert {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()} == {"model.safetensors": 0o640,
+                                                                           "config.json": 0o640}

@@ -83,6 +83,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes | memoryview) -> Pat
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # what open() gives (mkstemp's is 0600: unreadable to the group)
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
@@ -126,6 +127,8 @@ def write_dir_atomically(out_dir: str | os.PathLike, write: Callable[[Path], Any
             if file.is_file() and not file.is_symlink():
                 with open(file, "rb") as fh:
                     os.fsync(fh.fileno())
+                if file.stat().st_mode & 0o777 == 0o600:  # a library's temp file moved into place (safetensors)
+                    os.chmod(file, 0o666 & ~_umask())
         fsync_dir(tmp)
         if out_dir.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-old-", suffix=".tmp", dir=out_dir.parent))
