@@ -73,7 +73,8 @@ def _simulated_slurm(tmp_path):
     """``srun`` / ``scontrol`` stubs and an environment's ``python`` on PATH (no .venv path), SLURM's variables."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    for name, body in {"srun": 'exec "$@"', "scontrol": 'echo "scontrol $*" >> "$SLURM_SUBMIT_DIR/scontrol.log"',
+    srun = 'echo "$@" > "$STUB_LOG_DIR/srun.args"; while [[ "$1" == --* ]]; do shift; done; exec "$@"'
+    for name, body in {"srun": srun, "scontrol": 'echo "scontrol $*" >> "$SLURM_SUBMIT_DIR/scontrol.log"',
                        "python": f'exec {sys.executable} "$@"'}.items():
         (bin_dir / name).write_text(f"#!/bin/bash\n{body}\n")
         (bin_dir / name).chmod(0o755)
@@ -81,7 +82,8 @@ def _simulated_slurm(tmp_path):
     env.update({"PATH": f"{bin_dir}:/usr/bin:/bin", "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "stllava-dpo",
                 "SLURM_SUBMIT_DIR": str(REPO_ROOT), "SLURM_NTASKS": "1", "SLURM_NTASKS_PER_NODE": "1",
                 "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_NNODES": "1",
-                "SLURM_JOB_NUM_NODES": "1", "SLURM_NODELIST": "node001", "SLURM_CPUS_PER_TASK": "1"})
+                "SLURM_JOB_NUM_NODES": "1", "SLURM_NODELIST": "node001", "SLURM_CPUS_PER_TASK": "1",
+                "STUB_LOG_DIR": str(tmp_path)})
     return env
 
 
@@ -101,6 +103,8 @@ def test_dpo_sbatch_runs_a_tiny_stage_with_plain_progress_lines(tmp_path, tiny_b
     text = log_file.read_text()
     assert proc.returncode == 0, text[-3000:]
     assert json.loads((out / "metrics.json").read_text())["global_step"] == 20
+    # a failing rank ends the others (not a barrier wait until the collective timeout)
+    assert (tmp_path / "srun.args").read_text().split()[:3] == ["--kill-on-bad-exit=1", "python", "-m"]
     progress = [line for line in text.splitlines() if "stllava_med.progress" in line]
     assert len(progress) >= 5, text[-3000:]
     assert all(" steps/s · " in line and "ETA " in line for line in progress[:-1]), progress
