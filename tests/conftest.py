@@ -98,7 +98,7 @@ def one_thread():
 # stage runs — besides tests marked @pytest.mark.slow one by one.
 SLOW_MODULES = {
     "test_cluster_sweeps", "test_console", "test_convert_checkpoint", "test_dpo_train", "test_family_stages", "test_grad_accumulation",
-    "test_judge_exit", "test_judge_shared_store", "test_pipeline", "test_run_identity", "test_selftrain_generate", "test_selftrain_judge", "test_sharding", "test_sft_qlora",
+    "test_judge_disk_full", "test_judge_exit", "test_judge_shared_store", "test_pipeline", "test_run_identity", "test_selftrain_generate", "test_selftrain_judge", "test_sharding", "test_sft_qlora",
     "test_requeue", "test_sft_resume", "test_sft_train", "test_sft_vision_lora", "test_signals", "test_wheel_install",
 }
 
