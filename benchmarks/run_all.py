@@ -13,7 +13,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 SCRIPTS = [
-    ("DPO step vs TRL DPOTrainer", ["bench_dpo_vs_trl.py", "--pairs", "128", "--repeats", "2"]),
+    ("DPO step vs TRL DPOTrainer (train_dpo's defaults: 2 workers, vision cache)",
+     ["bench_dpo_vs_trl.py", "--pairs", "128", "--repeats", "3"]),
     ("DPO sweep (beta x fraction) vs TRL, shared caches", ["bench_sweep.py", "--pairs", "128", "--repeats", "2"]),
     ("judge throughput vs the ideal", ["bench_judge.py"]),
     ("K answers: shared prefix vs num_return_sequences vs K calls", ["bench_generate.py"]),
