@@ -39,7 +39,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from stllava_med.dpo.logps import LogProbs
-from stllava_med.utils.io import append_whole, atomic_write_json, file_lock, sha256_file, stable_hash
+from stllava_med.utils.io import append_whole_to, atomic_write_json, file_lock, sha256_file, stable_hash
 
 log = logging.getLogger(__name__)
 
@@ -369,12 +369,8 @@ class ReferenceCache:
         with file_lock(self.lock):
             self._ensure_meta()
             self._drop_truncated_tail()
-            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o666)
-            try:  # whole lines or none (a full disk: DiskFull naming the cache file, the file as it was)
-                append_whole(fd, lines.encode("utf-8"), self.path)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            # whole lines or none (a full disk: DiskFull naming the cache file, the file as it was)
+            append_whole_to(self.path, lines.encode("utf-8"))
 
 
     def _drop_truncated_tail(self) -> None:

@@ -40,7 +40,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -59,7 +58,14 @@ from stllava_med.dpo.reference import (
     fill_missing,
     tensor_fingerprint,
 )
-from stllava_med.utils.io import atomic_write_json, file_lock, sha256_file, stable_hash
+from stllava_med.utils.io import (
+    append_whole_to,
+    atomic_write_bytes,
+    atomic_write_json,
+    file_lock,
+    sha256_file,
+    stable_hash,
+)
 from stllava_med.utils.runtime import worker_ignores_sigterm
 
 log = logging.getLogger(__name__)
@@ -255,28 +261,16 @@ class VisionCache:
         buffer = io.BytesIO()
         np.save(buffer, array, allow_pickle=False)
         data = buffer.getvalue()
-        self.dir.mkdir(parents=True, exist_ok=True)
         name = f"features-{uuid.uuid4().hex[:16]}.npy"
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=self.dir)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, self.dir / name)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        # temp file beside it, fsynced, renamed; a full disk removes it and names the shard (DiskFull)
+        atomic_write_bytes(self.dir / name, data)
         line = json.dumps({"shard": name, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
                            "dtype": self.key_parts["dtype"], "shape": list(stored.shape), "images": list(digests),
                            "pixel_shapes": [list(map(int, s)) for s in pixel_shapes]}) + "\n"
         with file_lock(self.lock):
             self._ensure_meta()
             self._drop_truncated_tail()
-            with open(self.index.path, "a", encoding="utf-8") as fh:
-                fh.write(line)
-                fh.flush()
-                os.fsync(fh.fileno())
+            append_whole_to(self.index.path, line.encode("utf-8"))  # a full disk: none of it, DiskFull naming it
 
     def _drop_truncated_tail(self) -> None:
         path = self.index.path

@@ -168,6 +168,17 @@ def append_whole(fd: int, data: bytes, path: str | os.PathLike) -> None:
         raise
 
 
+def append_whole_to(path: str | os.PathLike, data: bytes) -> None:
+    """Open ``path`` for appending, append ``data`` whole or not at all (:func:`append_whole`), fsync, close:
+    one record of an append-only index or cache, which a full disk cannot leave half-written."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o666)
+    try:
+        append_whole(fd, data, path)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def atomic_write_json(path: str | os.PathLike, obj: Any, *, indent: int | None = 2) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=indent, ensure_ascii=False, default=_json_default) + "\n")
 
