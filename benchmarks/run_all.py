@@ -20,7 +20,7 @@ SCRIPTS = [
     ("K answers: shared prefix vs num_return_sequences vs K calls", ["bench_generate.py"]),
     ("DPO vs TRL at the paper's shape (576 image tokens, 100-400-token answers) beside the bench shape",
      ["bench_dpo_vs_trl.py", "--shape", "bench", "paper_tiny", "--pairs", "32", "--repeats", "2",
-      "--ours", "adapter_off:on,adapter_off:off"]),
+      "--ours", "adapter_off:on:vision,adapter_off:off"]),
     ("K answers of 64-256 tokens: fast shared-prefix decoding vs generate's loop, num_return_sequences, K calls",
      ["bench_sampling.py"]),
 ]
