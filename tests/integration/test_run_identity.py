@@ -140,6 +140,35 @@ def test_directory_from_before_the_record_is_judged_by_its_config_yaml(tmp_path)
     assert (tmp_path / IDENTITY_FILE).is_file()  # the same config: the record is written now
 
 
+def _recorded_without(tmp_path: Path, cfg, stage: str, key: str) -> dict:
+    """The identity an older version (one without ``key``) recorded for ``cfg``."""
+    check_identity(cfg, tmp_path, stage)
+    record = json.loads((tmp_path / IDENTITY_FILE).read_text())
+    del record["config"][key]
+    record["fingerprint"] = "older00000"
+    (tmp_path / IDENTITY_FILE).write_text(json.dumps(record))
+    return record
+
+
+def test_a_key_added_since_at_its_default_is_the_same_config(tmp_path):
+    """A run directory recorded before ``data.on_bad_image`` existed resumes with it at its default (what the
+    older code did), and is refused with it at another value."""
+    out = [f"out_dir={tmp_path}", "optim.lr=0.0002"]
+    _recorded_without(tmp_path, compose("sft", out), "sft", "data.on_bad_image")
+    assert check_identity(compose("sft", out), tmp_path, "sft") == tmp_path
+    record = json.loads((tmp_path / IDENTITY_FILE).read_text())
+    assert record["previous_fingerprint"] == "older00000" and record["config"]["data.on_bad_image"] == "error"
+
+    _recorded_without(tmp_path, compose("sft", out), "sft", "data.on_bad_image")
+    with pytest.raises(RunDirMismatch) as err:
+        check_identity(compose("sft", [*out, "data.on_bad_image=skip"]), tmp_path, "sft")
+    assert "Differing keys (old → new): data.on_bad_image: <unset> → skip." in str(err.value)
+    # an added key at its default does not hide another change
+    with pytest.raises(RunDirMismatch) as err:
+        check_identity(compose("sft", [f"out_dir={tmp_path}", "optim.lr=0.001"]), tmp_path, "sft")
+    assert "optim.lr: 0.0002 → 0.001" in str(err.value)
+
+
 def test_bad_policy_named(tmp_path):
     cfg = compose("dpo", [f"out_dir={tmp_path}"])
     cfg.run_dir_mismatch = "overwrite"

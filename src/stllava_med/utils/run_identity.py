@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 import socket
 import time
@@ -36,6 +37,8 @@ from typing import IO, Any
 from omegaconf import DictConfig, OmegaConf
 
 from stllava_med.utils.io import atomic_write_json, file_lock, load_json
+
+log = logging.getLogger(__name__)
 
 IDENTITY_FILE = "run_identity.json"
 LOCK_FILE = ".run.lock"
@@ -112,6 +115,27 @@ def differing_keys(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def schema_defaults(stage: str) -> dict[str, Any]:
+    """Every key of ``stage``'s schema with its declared default (flattened, dotted; interpolations unresolved)."""
+    from stllava_med.schema import STAGE_SCHEMAS
+    from stllava_med.utils.config import leaves
+
+    schema = STAGE_SCHEMAS.get(stage)
+    if schema is None:
+        return {}
+    container = OmegaConf.to_container(OmegaConf.structured(schema), resolve=False, throw_on_missing=False)
+    assert isinstance(container, dict)
+    return leaves(container)
+
+
+def keys_added_at_default(old: Mapping[str, Any], new: Mapping[str, Any], stage: str) -> set[str]:
+    """Keys ``new`` has and the recorded ``old`` lacks whose value is the schema's default: keys a later version
+    added, which change nothing where they keep their default (a new key's default is the old behaviour)."""
+    defaults = schema_defaults(stage)
+    return {key for key in set(new) - set(old)
+            if key in defaults and json.dumps(new[key], default=str) == json.dumps(defaults[key], default=str)}
+
+
 def recorded_identity(run_dir: Path, stage: str) -> tuple[dict[str, Any] | None, Path | None]:
     """The identity a directory was made with (``run_identity.json``, else one computed from its ``config.yaml``),
     and the file it comes from; (None, None) for a directory no stage has started in."""
@@ -141,6 +165,15 @@ def check_identity(cfg: DictConfig | Mapping[str, Any], run_dir: Path, stage: st
         if recorded.get("fingerprint") == mine["fingerprint"]:
             if source is not None and source.name != IDENTITY_FILE:  # a directory from before the record
                 atomic_write_json(run_dir / IDENTITY_FILE, {**mine, "created": time.time()})
+            return run_dir
+        old_config = recorded.get("config") or {}
+        added = keys_added_at_default(old_config, mine["config"], stage)
+        if added and not differing_keys(old_config, {k: v for k, v in mine["config"].items() if k not in added}):
+            # the directory was made before these keys existed; their defaults are what that code did
+            log.info("%s: %s was recorded before %s existed; at their defaults this is the same config",
+                     stage, run_dir, ", ".join(sorted(added)))
+            atomic_write_json(run_dir / IDENTITY_FILE, {**mine, "created": recorded.get("created", time.time()),
+                                                        "previous_fingerprint": recorded.get("fingerprint")})
             return run_dir
     if policy == "new":
         return check_identity(cfg, run_dir / f"run-{mine['fingerprint']}", stage)
