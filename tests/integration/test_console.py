@@ -225,7 +225,9 @@ def test_optuna_sweep_over_beta_gets_a_float_per_trial(tmp_path, shard, tiny_bac
     if importlib.util.find_spec("hydra_plugins.hydra_optuna_sweeper") is None:
         pytest.skip("the Optuna sweeper is not installed (pip install -e '.[sweep]')")
     sweep = tmp_path / "optuna"
+    storage = tmp_path / "study.db"  # a study that outlives the sweep's process (resumable, inspectable)
     proc = _python("stllava_med.train_dpo", "-m", "hydra/sweeper=optuna", "hydra.sweeper.n_trials=2",
+                   f"hydra.sweeper.storage=sqlite:///{storage}", "hydra.sweeper.study_name=beta",
                    "hydra.sweeper.direction=maximize", "hydra.sweeper.sampler.seed=0", "dpo.beta=interval(0.05,0.5)",
                    *tiny_dpo(tmp_path, shard, "logger=csv", "trainer.enable_progress_bar=false",
                              f"out_dir={tmp_path}/runs/" + "${dpo.beta}", f"hydra.sweep.dir={sweep}"),
@@ -235,6 +237,11 @@ def test_optuna_sweep_over_beta_gets_a_float_per_trial(tmp_path, shard, tiny_bac
     result = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
     assert result["name"] == "optuna" and isinstance(result["best_value"], float)
     assert 0.05 <= result["best_params"]["dpo.beta"] <= 0.5
+    import optuna
+
+    study = optuna.load_study(study_name="beta", storage=f"sqlite:///{storage}")
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE"]
+    assert study.best_value == result["best_value"]
     # the sweeper's results file keeps the best trial only; each trial's value is in its job's run_info.json
     trials = sorted(p for p in sweep.iterdir() if p.name.isdigit())
     assert [p.name for p in trials] == ["0", "1"]
