@@ -32,7 +32,7 @@ from stllava_med.families import BY_NAME, processor_family
 from stllava_med.schema import SFTData, SFTSettings
 from stllava_med.sft.losses import count_targets
 from stllava_med.sft.questioning import questioner_draws
-from stllava_med.utils.runtime import worker_ignores_sigterm
+from stllava_med.utils.runtime import settle_dataloader, worker_ignores_sigterm
 
 log = logging.getLogger(__name__)
 
@@ -271,22 +271,25 @@ class ResumableDataLoader(DataLoader):
         accumulate = max(1, int(self.accumulate())) if self.accumulate is not None else 1
         batches = super().__iter__()
         index = first
-        while index < per_epoch:
-            end = min((index // accumulate + 1) * accumulate, per_epoch)
-            window = []
-            for _ in range(end - index):
-                try:
-                    window.append(next(batches))
-                except StopIteration:
-                    break
-            if not window:
-                return
-            targets = sum(int(count_targets(batch["labels"])) for batch in window)
-            for position, batch in enumerate(window):
-                batch["window_targets"] = torch.tensor(targets)
-                batch["window_index"] = position
-                yield batch
-            index = end
+        try:
+            while index < per_epoch:
+                end = min((index // accumulate + 1) * accumulate, per_epoch)
+                window = []
+                for _ in range(end - index):
+                    try:
+                        window.append(next(batches))
+                    except StopIteration:
+                        break
+                if not window:
+                    return
+                targets = sum(int(count_targets(batch["labels"])) for batch in window)
+                for position, batch in enumerate(window):
+                    batch["window_targets"] = torch.tensor(targets)
+                    batch["window_index"] = position
+                    yield batch
+                index = end
+        finally:  # the next loader's fork must not meet this one's threads on their way out
+            settle_dataloader(batches)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -66,7 +66,7 @@ from stllava_med.utils.io import (
     sha256_file,
     stable_hash,
 )
-from stllava_med.utils.runtime import worker_ignores_sigterm
+from stllava_med.utils.runtime import settle_dataloader, worker_ignores_sigterm
 
 log = logging.getLogger(__name__)
 
@@ -395,7 +395,11 @@ class CachedVision:
             return
         loader = DataLoader(items, batch_size=None, shuffle=False, num_workers=min(self.workers, len(items)),
                             collate_fn=self.pixels, worker_init_fn=worker_ignores_sigterm)
-        yield from loader
+        batches = iter(loader)
+        try:
+            yield from batches
+        finally:  # training's loader forks its workers next: no thread of this one may still be exiting then
+            settle_dataloader(batches)
 
     def _room_for(self, one: torch.Tensor) -> bool:
         """Whether the fill fits on the cache's filesystem (checked once, on its first image)."""

@@ -290,6 +290,25 @@ def exit_incomplete(stage: str, code: int, message: str) -> None:
     raise StageStopped(code, f"{stage}: {message}")
 
 
+def settle_dataloader(iterator: Any) -> None:
+    """End a DataLoader iterator's worker processes and wait for its queue feeder threads to exit.
+
+    CPython 3.11 can deadlock a child forked while another thread of the parent is exiting (the child waits
+    forever on the interpreter's thread-list lock in ``PyOS_AfterFork_Child``). A multi-process DataLoader that
+    finishes leaves its index queues' feeder threads exiting for a moment after it shuts down; the next loader to
+    fork its workers then (the training loader right after the vision cache fill's, under DDP) hung a run. Our
+    loaders settle theirs when they end, so that the next fork finds no thread on its way out. A no-op for an
+    iterator without workers."""
+    shutdown = getattr(iterator, "_shutdown_workers", None)
+    if shutdown is None:
+        return
+    shutdown()
+    for queue in getattr(iterator, "_index_queues", None) or []:
+        thread = getattr(queue, "_thread", None)  # multiprocessing.Queue's feeder, started by its first put
+        if thread is not None:
+            thread.join(timeout=10)
+
+
 def worker_ignores_sigterm(worker_id: int) -> None:
     """``worker_init_fn`` of our DataLoaders: a worker ignores SIGTERM. SLURM (and ``kill -- -PGID``) signals every
     process of a job; a worker killed by it fails the step before the main process, which handles the signal,

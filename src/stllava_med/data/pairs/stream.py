@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from stllava_med.data.pairs.collate import PairCollator, PairItem, identity_collate
 from stllava_med.data.preference import BadPairError, PreferencePair, iter_lines, parse_pair_line
-from stllava_med.utils.runtime import worker_ignores_sigterm
+from stllava_med.utils.runtime import settle_dataloader, worker_ignores_sigterm
 
 
 @dataclass
@@ -223,16 +223,19 @@ class PreferenceLoader(DataLoader):
             per_epoch = min(per_epoch, int(self.epoch_batches()))
         accumulate = max(1, int(self.accumulate())) if self.accumulate is not None else 1
         batches = super().__iter__()
-        while self._consumed < per_epoch:
-            end = min((self._consumed // accumulate + 1) * accumulate, per_epoch)
-            window = list(itertools.islice(batches, end - self._consumed))
-            if not window:
-                return
-            pairs = torch.stack([batch["weight"].sum() for batch in window]).sum()
-            for batch in window:
-                batch["window_pairs"] = pairs
-                self._consumed += 1  # batches handed to the trainer (the state), not the ones read ahead
-                yield batch
+        try:
+            while self._consumed < per_epoch:
+                end = min((self._consumed // accumulate + 1) * accumulate, per_epoch)
+                window = list(itertools.islice(batches, end - self._consumed))
+                if not window:
+                    return
+                pairs = torch.stack([batch["weight"].sum() for batch in window]).sum()
+                for batch in window:
+                    batch["window_pairs"] = pairs
+                    self._consumed += 1  # batches handed to the trainer (the state), not the ones read ahead
+                    yield batch
+        finally:  # the next loader's fork must not meet this one's threads on their way out
+            settle_dataloader(batches)
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self._epoch, "consumed": self._consumed}
