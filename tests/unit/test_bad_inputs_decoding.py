@@ -22,7 +22,13 @@ from stllava_med.chat import ChatFormat
 from stllava_med.data.pairs.scan import scan_pairs
 from stllava_med.data.pairs.settings import PreferenceDataSettings
 from stllava_med.data.preference import BadPairError, resolve_shards
-from stllava_med.data.vqa import DEFAULT_MAX_IMAGE_PIXELS, ImageError, load_image, load_vqa, set_max_image_pixels
+from stllava_med.data.vqa import (
+    DEFAULT_MAX_IMAGE_PIXELS,
+    ImageError,
+    load_image,
+    load_vqa,
+    set_max_image_pixels,
+)
 from stllava_med.schema import SFTData
 from stllava_med.utils.io import load_json, read_jsonl
 from stllava_med.utils.runtime import apply_image_limit
