@@ -368,24 +368,8 @@ class ReferenceCache:
                         + "\n" for i, c, r in zip(ids, chosen_values, rejected_values))
         with file_lock(self.lock):
             self._ensure_meta()
-            self._drop_truncated_tail()
             # whole lines or none (a full disk: DiskFull naming the cache file, the file as it was)
             append_whole_to(self.path, lines.encode("utf-8"))
-
-
-    def _drop_truncated_tail(self) -> None:
-        """Cut an unterminated last line (a writer killed mid-append), so the next entry starts on its own line."""
-        if not self.path.is_file() or self.path.stat().st_size == 0:
-            return
-        with open(self.path, "rb+") as fh:
-            fh.seek(-1, os.SEEK_END)
-            if fh.read(1) == b"\n":
-                return
-            fh.seek(0)
-            data = fh.read()
-            keep = data.rfind(b"\n") + 1
-            log.warning("%s: dropping a truncated last line (a killed writer)", self.path)
-            fh.truncate(keep)
 
 
 class PrecomputedReference:

@@ -269,21 +269,7 @@ class VisionCache:
                            "pixel_shapes": [list(map(int, s)) for s in pixel_shapes]}) + "\n"
         with file_lock(self.lock):
             self._ensure_meta()
-            self._drop_truncated_tail()
             append_whole_to(self.index.path, line.encode("utf-8"))  # a full disk: none of it, DiskFull naming it
-
-    def _drop_truncated_tail(self) -> None:
-        path = self.index.path
-        if not path.is_file() or path.stat().st_size == 0:
-            return
-        with open(path, "rb+") as fh:
-            fh.seek(-1, os.SEEK_END)
-            if fh.read(1) == b"\n":
-                return
-            fh.seek(0)
-            keep = fh.read().rfind(b"\n") + 1
-            log.warning("%s: dropping a truncated last line (a killed writer)", path)
-            fh.truncate(keep)
 
     def _array(self, name: str) -> np.ndarray:
         array = self._arrays.get(name)

@@ -17,7 +17,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from stllava_med.utils.io import DiskFull, fsync_dir, no_space
+from stllava_med.utils.io import fsync_dir, raise_if_disk_full
 
 log = logging.getLogger(__name__)
 
@@ -38,10 +38,8 @@ def _is_temp(path: Path) -> bool:
 
 def _raise_if_disk_full(err: BaseException, path: Path) -> None:
     """Raise :class:`DiskFull` naming the checkpoint ``path`` if ``err`` is a full disk (from ``err``)."""
-    code = no_space(err)
-    if code is not None:
-        raise DiskFull(path, code, what=f"checkpoint {path} (the checkpoints already on disk are intact: free "
-                                        "space and rerun the same command to resume from the newest)") from err
+    raise_if_disk_full(err, path, what=f"checkpoint {path} (the checkpoints already on disk are intact: free "
+                                       "space and rerun the same command to resume from the newest)")
 
 
 class LocalCheckpointIO(TorchCheckpointIO):

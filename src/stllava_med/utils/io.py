@@ -12,12 +12,15 @@ import errno
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
@@ -49,16 +52,13 @@ def no_space(err: BaseException) -> int | None:
     return None
 
 
-def name_disk_full(err: BaseException, path: str | os.PathLike, what: str = "") -> BaseException:
-    """``err`` as a :class:`DiskFull` naming ``path`` when it is a full-disk error (chained to it), else ``err``."""
-    if isinstance(err, DiskFull):
-        return err
+def raise_if_disk_full(err: BaseException, path: str | os.PathLike, what: str = "") -> None:
+    """Raise :class:`DiskFull` naming ``path`` (``what``: how to name it), chained to ``err``, when ``err`` is a
+    full-disk error (a DiskFull from a nested write is renamed to the outer ``path``); return otherwise (the caller
+    re-raises ``err``)."""
     code = no_space(err)
-    if code is None:
-        return err
-    named = DiskFull(path, code, what)
-    named.__cause__ = err
-    return named
+    if code is not None:
+        raise DiskFull(path, code, what) from err
 
 
 def fsync_dir(path: str | os.PathLike) -> None:
@@ -91,9 +91,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes | memoryview) -> Pat
         os.replace(tmp, path)
     except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
-        named = name_disk_full(err, path)
-        if named is not err:
-            raise named from err
+        raise_if_disk_full(err, path)
         raise
     fsync_dir(path.parent)
     return path
@@ -140,9 +138,7 @@ def write_dir_atomically(out_dir: str | os.PathLike, write: Callable[[Path], Any
         if old is not None and not out_dir.exists():  # put the previous one back
             with contextlib.suppress(OSError):
                 os.replace(old, out_dir)
-        named = name_disk_full(err, out_dir, what)
-        if named is not err:
-            raise named from err
+        raise_if_disk_full(err, out_dir, what)
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
@@ -162,21 +158,30 @@ def append_whole(fd: int, data: bytes, path: str | os.PathLike) -> None:
     except BaseException as err:
         with contextlib.suppress(OSError):
             os.ftruncate(fd, start)
-        named = name_disk_full(err, path)
-        if named is not err:
-            raise named from err
+        raise_if_disk_full(err, path)
         raise
 
 
 def append_whole_to(path: str | os.PathLike, data: bytes) -> None:
-    """Open ``path`` for appending, append ``data`` whole or not at all (:func:`append_whole`), fsync, close:
-    one record of an append-only index or cache, which a full disk cannot leave half-written."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o666)
+    """Append whole lines ``data`` to the append-only file ``path`` (an index, a cache), whole or not at all
+    (:func:`append_whole`), fsynced. An unterminated last line a killed writer left is cut first, so the new
+    lines start on their own. Call it under the file's lock when several processes append."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o666)
     try:
+        _cut_torn_tail(fd, path)
         append_whole(fd, data, path)
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _cut_torn_tail(fd: int, path: str | os.PathLike) -> None:
+    size = os.lseek(fd, 0, os.SEEK_END)
+    if size == 0 or os.pread(fd, 1, size - 1) == b"\n":
+        return
+    keep = os.pread(fd, size, 0).rfind(b"\n") + 1
+    log.warning("%s: dropping a truncated last line (a killed writer)", path)
+    os.ftruncate(fd, keep)
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any, *, indent: int | None = 2) -> Path:
