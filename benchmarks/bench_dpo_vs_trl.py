@@ -257,6 +257,20 @@ class PeakMemory:
         return (self.peak - self.baseline) / 2**20
 
 
+@contextlib.contextmanager
+def flop_counting(args: argparse.Namespace) -> Any:
+    """With ``--count-flops``: count the training run's FLOPs (benchmarks/flops.py; its time is then not a
+    measurement), else nothing."""
+    if not getattr(args, "count_flops", False):
+        yield None
+        return
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from flops import count_flops
+
+    with count_flops() as counter:
+        yield counter
+
+
 def lora_fingerprint(model: Any) -> str:
     """Hash of the LoRA A matrices (B starts at zero), to check both contenders start from the same adapter."""
     import hashlib
@@ -345,11 +359,12 @@ def run_ours(args: argparse.Namespace, model_dir: Path, pairs_dir: Path, work: P
                           precision="bf16-true" if args.shape == "llava7b" else "32-true", logger=False,
                           enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                           num_sanity_val_steps=0, limit_val_batches=0, gradient_clip_val=1.0, callbacks=[Record()])
-        trainer.fit(module, datamodule=datamodule)
+        with flop_counting(args) as flops:
+            trainer.fit(module, datamodule=datamodule)
         if args.device == "cuda":
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - start
-    return {"name": f"ours ({args.reference}, prefix sharing {'on' if args.prefix_sharing else 'off'}"
+    return {"flops": flops.get_total_flops() if flops is not None else None, "name": f"ours ({args.reference}, prefix sharing {'on' if args.prefix_sharing else 'off'}"
                     f"{', vision cache' if vision is not None else ''})",
             "seconds": elapsed, "pairs": len(datamodule.train_entries), "steps": len(losses),
             "first_loss": losses[0], "mean_loss": sum(losses) / len(losses), "losses": losses, "lora_init": lora_init,
@@ -432,11 +447,12 @@ def run_trl(args: argparse.Namespace, model_dir: Path, pairs_dir: Path, work: Pa
         trainer = DPOTrainer(model=backbone.model, args=config, train_dataset=dataset, processing_class=processor,
                              peft_config=peft_config, callbacks=[Record()])
         lora_init = lora_fingerprint(trainer.model)
-        trainer.train()
+        with flop_counting(args) as flops:
+            trainer.train()
         if args.device == "cuda":
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - start
-    return {"name": "TRL DPOTrainer (PEFT: reference = adapter off, every step)", "seconds": elapsed,
+    return {"flops": flops.get_total_flops() if flops is not None else None, "name": "TRL DPOTrainer (PEFT: reference = adapter off, every step)", "seconds": elapsed,
             "pairs": len(dataset), "steps": len(losses), "first_loss": losses[0],
             "mean_loss": sum(losses) / len(losses), "losses": losses, "lora_init": lora_init,
             "step_seconds": [b - a for a, b in zip(step_ends, step_ends[1:])],
@@ -479,6 +495,25 @@ def shape_summary(model_dir: Path, pairs_dir: Path) -> str:
             f"(median {statistics.median(lengths):.0f})")
 
 
+def launch(args: argparse.Namespace, contender: str, reference: str, sharing: str, vision: str, run_work: Path,
+           shape: str, model_dir: Path, pairs_dir: Path, count: bool = False) -> dict[str, Any]:
+    """One contender's run in a fresh process (``count``: with the FLOP counter on)."""
+    command = [sys.executable, __file__, "--contender", contender, "--reference", reference,
+               "--prefix-sharing", sharing, "--vision", vision, "--work", str(run_work),
+               "--model-dir", str(model_dir), "--pairs-dir", str(pairs_dir),
+               "--batch-size", str(args.batch_size), "--threads", str(args.threads),
+               "--workers", str(args.workers), "--lr", str(args.lr), "--seed", str(args.seed),
+               "--shape", shape, "--device", args.device] + (["--count-flops"] if count else [])
+    proc = subprocess.run(command, capture_output=True, text=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
+        raise SystemExit(f"{contender} failed (exit {proc.returncode})")
+    result = json.loads(lines[-1][len("RESULT "):])
+    result["pairs_per_s"] = result["pairs"] / result["seconds"]
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pairs", type=int, default=64)
@@ -497,6 +532,9 @@ def main() -> None:
     parser.add_argument("--ours", default="adapter_off:on:vision,adapter_off:on,precomputed:on:vision,adapter_off:off",
                         help="our variants, reference:prefix-sharing[:vision], comma separated; ':vision' adds the "
                              "vision feature cache (train_dpo's default dpo.vision_cache_dir), fresh in each run")
+    parser.add_argument("--count-flops", action="store_true",
+                        help="after the timed rounds, run each contender once more counting its matrix-product and "
+                             "attention FLOPs (benchmarks/flops.py) and print the FLOP ratio beside the time ratio")
     parser.add_argument("--contender", choices=["ours", "trl"], help=argparse.SUPPRESS)
     parser.add_argument("--reference", default="precomputed", help=argparse.SUPPRESS)
     parser.add_argument("--prefix-sharing", type=lambda v: v == "on", default=True, help=argparse.SUPPRESS)
@@ -516,6 +554,7 @@ def main() -> None:
     runs = [("trl", "-", "-", "-")] + [("ours", *(v.split(":") + ["-"])[:3]) for v in args.ours.split(",") if v]
     results: dict[tuple[str, int], list[dict[str, Any]]] = {(sh, i): [] for sh in shapes for i in range(len(runs))}
     summaries: dict[str, str] = {}
+    flops: dict[tuple[str, int], float] = {}
     with tempfile.TemporaryDirectory(prefix="bench-dpo-") as tmp:
         work = Path(tmp)
         from stllava_med.backbone import load_processor
@@ -531,22 +570,18 @@ def main() -> None:
                 for index, (contender, reference, sharing, vision) in enumerate(runs):
                     run_work = work / f"r{round_index}-{shape}-{index}"
                     run_work.mkdir()
-                    command = [sys.executable, __file__, "--contender", contender, "--reference", reference,
-                               "--prefix-sharing", sharing, "--vision", vision, "--work", str(run_work),
-                               "--model-dir", str(model_dirs[shape]), "--pairs-dir", str(pairs_dirs[shape]),
-                               "--batch-size", str(args.batch_size), "--threads", str(args.threads),
-                               "--workers", str(args.workers), "--lr", str(args.lr), "--seed", str(args.seed),
-                               "--shape", shape, "--device", args.device]
-                    proc = subprocess.run(command, capture_output=True, text=True)
-                    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-                    if proc.returncode != 0 or not lines:
-                        sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
-                        raise SystemExit(f"{contender} failed (exit {proc.returncode})")
-                    result = json.loads(lines[-1][len("RESULT "):])
-                    result["pairs_per_s"] = result["pairs"] / result["seconds"]
+                    result = launch(args, contender, reference, sharing, vision, run_work, shape,
+                                    model_dirs[shape], pairs_dirs[shape])
                     results[shape, index].append(result)
                     print(f"  round {round_index + 1}, {shape}: {result['name']}: {result['pairs_per_s']:.2f} "
                           f"pairs/s, peak +{result['peak_rss_mb']:.0f} MB", flush=True)
+        if args.count_flops:  # one more run of each, counting (its time is not a measurement)
+            for shape in shapes:
+                for index, (contender, reference, sharing, vision) in enumerate(runs):
+                    run_work = work / f"flops-{shape}-{index}"
+                    run_work.mkdir()
+                    flops[shape, index] = launch(args, contender, reference, sharing, vision, run_work, shape,
+                                                 model_dirs[shape], pairs_dirs[shape], count=True)["flops"]
 
     import torch
 
@@ -577,6 +612,19 @@ def main() -> None:
             if args.device == "cuda":
                 row += f" {statistics.median(r['peak_cuda_mb'] for r in rounds):.0f} |"
             print(row)
+    if flops:
+        print("\nArithmetic (one more run of each with the FLOP counter: matrix products and attention, forward and "
+              "backward, dense; benchmarks/flops.py). TRL's FLOPs / ours is the speed-up the same arithmetic speed "
+              "would give; the time ratio above against it:\n")
+        print("| shape | run | GFLOP per pair | TRL's FLOPs / ours | time ratio (median) | time ratio / FLOP ratio |")
+        print("|---|---|---:|---:|---:|---:|")
+        for shape in shapes:
+            pairs = results[shape, 0][0]["pairs"]
+            for index in range(len(runs)):
+                name = results[shape, index][0]["name"]
+                flop_ratio = flops[shape, 0] / flops[shape, index]
+                print(f"| {shape} | {name} | {flops[shape, index] / pairs / 1e9:.2f} | {flop_ratio:.2f}x | "
+                      f"{ratios[shape][index]:.2f}x | {ratios[shape][index] / flop_ratio:.2f} |")
     if len(shapes) > 1:
         print("\nRatio to TRL's pairs/s by shape (same rounds, medians of per-round ratios):\n")
         names = [results[shapes[0], i][0]["name"] for i in range(1, len(runs))]

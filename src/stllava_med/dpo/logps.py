@@ -251,8 +251,12 @@ class LogProbs:
         prefix_ids = chosen_ids[:, :longest_prompt].masked_fill(prefix_mask == 0, 0)
         full_positions = {side: self._positions(batch, side) for side in ("chosen", "rejected")}
         prefix_positions = full_positions["chosen"][..., :longest_prompt]
+        # No padding mask for the prefix: it is right-padded, so under the causal mask alone every real position
+        # already sees real positions only (the padding's own states are never read: the answers' mask hides
+        # them). Without a mask the attention runs causal (is_causal): flash kernels on a GPU, masked blocks
+        # skipped on a CPU, grouped-query attention without repeating the key/value heads.
         prefix = self.core.language_model(inputs_embeds=self._embed(prefix_ids, image_features),
-                                          attention_mask=prefix_mask, position_ids=prefix_positions, use_cache=True)
+                                          attention_mask=None, position_ids=prefix_positions, use_cache=True)
         cache = prefix.cache
 
         # Answers (everything after the shared prefix), interleaved chosen / rejected per pair.
