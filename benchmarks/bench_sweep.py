@@ -105,9 +105,10 @@ def run_our_job(args: argparse.Namespace, model_dir: Path, pairs_dir: Path, work
         trainer = Trainer(accelerator="cpu", devices=1, max_epochs=1, precision="32-true", logger=False,
                           enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                           num_sanity_val_steps=0, limit_val_batches=0, gradient_clip_val=1.0, callbacks=[Record()])
-        trainer.fit(module, datamodule=datamodule)
+        with base.flop_counting(args) as flops:
+            trainer.fit(module, datamodule=datamodule)
         elapsed = time.perf_counter() - start
-    return {"seconds": elapsed, "pairs": len(datamodule.train_entries), "losses": losses, "lora_init": lora_init,
+    return {"flops": flops.get_total_flops() if flops is not None else None, "seconds": elapsed, "pairs": len(datamodule.train_entries), "losses": losses, "lora_init": lora_init,
             "peak_rss_mb": memory.peak_increase_mb, "vision_computed": vision.computed if vision else None,
             "reference_computed": reference.computed}
 
@@ -116,7 +117,7 @@ def run_trl_job(args: argparse.Namespace, model_dir: Path, pairs_dir: Path, work
                 ) -> dict[str, Any]:
     job = argparse.Namespace(**{**vars(args), "beta": beta, "shape": "bench", "device": "cpu"})
     result = base.run_trl(job, model_dir, pairs_dir, work)
-    return {k: result[k] for k in ("seconds", "pairs", "losses", "lora_init", "peak_rss_mb")}
+    return {k: result[k] for k in ("seconds", "pairs", "losses", "lora_init", "peak_rss_mb", "flops")}
 
 
 def child(args: argparse.Namespace) -> None:
@@ -137,7 +138,7 @@ def spawn(args: argparse.Namespace, contender: str, work: Path, model_dir: Path,
                str(model_dir), "--pairs-dir", str(pairs_dir), "--beta", str(beta), "--fraction", str(fraction),
                "--batch-size",
                str(args.batch_size), "--threads", str(args.threads), "--workers", str(args.workers), "--lr",
-               str(args.lr), "--seed", str(args.seed)]
+               str(args.lr), "--seed", str(args.seed)] + (["--count-flops"] if args.count_flops else [])
     start = time.perf_counter()
     proc = subprocess.run(command, capture_output=True, text=True)
     wall = time.perf_counter() - start
@@ -221,6 +222,27 @@ def report(args: argparse.Namespace, rounds: list[dict[str, Any]], shape: str) -
           f"({our_peak:.0f} vs {trl_peak:.0f} MB); {machine}")
 
 
+def report_flops(rounds: list[dict[str, Any]], counted: dict[str, Any]) -> None:
+    """The counted FLOPs per job and for the sweep, beside the measured time ratios."""
+    print("\nArithmetic (one more sweep of each with the FLOP counter: matrix products and attention, forward and "
+          "backward, dense; benchmarks/flops.py). TRL's FLOPs / ours is the speed-up the same arithmetic speed would "
+          "give; the time ratio against it:\n")
+    print("| job (β, fraction) | TRL GFLOP | ours GFLOP | TRL's FLOPs / ours | time ratio (median) | time / FLOP ratio |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for index, (beta, fraction) in enumerate(GRID):
+        trl, ours = counted["trl"][index]["flops"], counted["ours"][index]["flops"]
+        ratio = statistics.median((r["ours"][index]["pairs"] / r["ours"][index]["seconds"])
+                                  / (r["trl"][index]["pairs"] / r["trl"][index]["seconds"]) for r in rounds)
+        print(f"| {beta}, {fraction} | {trl / 1e9:.0f} | {ours / 1e9:.0f} | {trl / ours:.2f}x | {ratio:.2f}x | "
+              f"{ratio / (trl / ours):.2f} |")
+    trl = sum(job["flops"] for job in counted["trl"])
+    ours = sum(job["flops"] for job in counted["ours"])
+    ratio = statistics.median(sum(j["seconds"] for j in r["trl"]) / sum(j["seconds"] for j in r["ours"]) for r in rounds)
+    print(f"| **sweep** | {trl / 1e9:.0f} | {ours / 1e9:.0f} | **{trl / ours:.2f}x** | {ratio:.2f}x | "
+          f"{ratio / (trl / ours):.2f} |")
+    print(f"\nSWEEP FLOPS TRL's sweep counts {trl / ours:.2f}x our FLOPs; our time ratio is {ratio:.2f}x")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pairs", type=int, default=128)
@@ -231,6 +253,9 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dry-run", action="store_true", help="8 pairs, in this process: seconds, plumbing only")
+    parser.add_argument("--count-flops", action="store_true",
+                        help="after the timed rounds, run both sweeps once more counting their matrix-product and "
+                             "attention FLOPs (benchmarks/flops.py) and print the FLOP ratio beside the time ratio")
     parser.add_argument("--contender", choices=["ours", "trl"], help=argparse.SUPPRESS)
     parser.add_argument("--beta", type=float, default=0.1, help=argparse.SUPPRESS)
     parser.add_argument("--fraction", type=float, default=1.0, help=argparse.SUPPRESS)
@@ -261,7 +286,14 @@ def main() -> None:
             round_work.mkdir()
             print(f"round {index + 1}:", flush=True)
             rounds.append(sweep_round(args, round_work, model_dir, pairs_dir, subsets))
+        counted = None
+        if args.count_flops:  # one more sweep of each, counting (its time is not a measurement)
+            (work / "flops").mkdir()
+            print("counting FLOPs (one more sweep of each):", flush=True)
+            counted = sweep_round(args, work / "flops", model_dir, pairs_dir, subsets)
     report(args, rounds, shape)
+    if counted is not None:
+        report_flops(rounds, counted)
 
 
 if __name__ == "__main__":
