@@ -133,12 +133,12 @@ def child(args: argparse.Namespace) -> None:
 
 
 def spawn(args: argparse.Namespace, contender: str, work: Path, model_dir: Path, pairs_dir: Path,
-          beta: float, fraction: float) -> tuple[dict[str, Any], float]:
+          beta: float, fraction: float, count: bool = False) -> tuple[dict[str, Any], float]:
     command = [sys.executable, __file__, "--contender", contender, "--work", str(work), "--model-dir",
                str(model_dir), "--pairs-dir", str(pairs_dir), "--beta", str(beta), "--fraction", str(fraction),
                "--batch-size",
                str(args.batch_size), "--threads", str(args.threads), "--workers", str(args.workers), "--lr",
-               str(args.lr), "--seed", str(args.seed)] + (["--count-flops"] if args.count_flops else [])
+               str(args.lr), "--seed", str(args.seed)] + (["--count-flops"] if count else [])
     start = time.perf_counter()
     proc = subprocess.run(command, capture_output=True, text=True)
     wall = time.perf_counter() - start
@@ -150,9 +150,10 @@ def spawn(args: argparse.Namespace, contender: str, work: Path, model_dir: Path,
 
 
 def sweep_round(args: argparse.Namespace, work: Path, model_dir: Path, pairs_dir: Path,
-                subsets: dict[float, Path]) -> dict[str, Any]:
+                subsets: dict[float, Path], count: bool = False) -> dict[str, Any]:
     """One TRL sweep and one of ours, each job in its own process, one after the other; our jobs share the scan,
-    reference and vision caches of one fresh directory, TRL's jobs share nothing."""
+    reference and vision caches of one fresh directory, TRL's jobs share nothing. ``count``: with the FLOP
+    counter on (the times are then not measurements)."""
     out: dict[str, Any] = {"trl": [], "ours": [], "trl_wall": 0.0, "ours_wall": 0.0}
     ours_work = work / "ours"
     ours_work.mkdir()
@@ -163,11 +164,12 @@ def sweep_round(args: argparse.Namespace, work: Path, model_dir: Path, pairs_dir
             job_pairs = subsets[fraction] if who == "trl" else pairs_dir
             start = time.perf_counter()
             if args.dry_run:
+                args.count_flops = count
                 run = run_trl_job if who == "trl" else run_our_job
                 job = (run(args, model_dir, job_pairs, job_work, beta) if who == "trl"
                        else run(args, model_dir, job_pairs, job_work, beta, fraction))
             else:
-                job, _ = spawn(args, who, job_work, model_dir, job_pairs, beta, fraction)
+                job, _ = spawn(args, who, job_work, model_dir, job_pairs, beta, fraction, count)
             out[f"{who}_wall"] += time.perf_counter() - start
             out[who].append(job)
             extra = ("" if who == "trl" else f" (vision features computed {job['vision_computed']}, reference "
@@ -290,7 +292,7 @@ def main() -> None:
         if args.count_flops:  # one more sweep of each, counting (its time is not a measurement)
             (work / "flops").mkdir()
             print("counting FLOPs (one more sweep of each):", flush=True)
-            counted = sweep_round(args, work / "flops", model_dir, pairs_dir, subsets)
+            counted = sweep_round(args, work / "flops", model_dir, pairs_dir, subsets, count=True)
     report(args, rounds, shape)
     if counted is not None:
         report_flops(rounds, counted)

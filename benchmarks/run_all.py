@@ -14,13 +14,14 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 SCRIPTS = [
     ("DPO step vs TRL DPOTrainer (train_dpo's defaults: 2 workers, vision cache)",
-     ["bench_dpo_vs_trl.py", "--pairs", "128", "--repeats", "3"]),
-    ("DPO sweep (beta x fraction) vs TRL, shared caches", ["bench_sweep.py", "--pairs", "128", "--repeats", "2"]),
+     ["bench_dpo_vs_trl.py", "--pairs", "128", "--repeats", "3", "--count-flops"]),
+    ("DPO sweep (beta x fraction) vs TRL, shared caches",
+     ["bench_sweep.py", "--pairs", "128", "--repeats", "2", "--count-flops"]),
     ("judge throughput vs the ideal", ["bench_judge.py"]),
     ("K answers: shared prefix vs num_return_sequences vs K calls", ["bench_generate.py"]),
     ("DPO vs TRL at the paper's shape (576 image tokens, 100-400-token answers) beside the bench shape",
      ["bench_dpo_vs_trl.py", "--shape", "bench", "paper_tiny", "--pairs", "32", "--repeats", "2",
-      "--ours", "adapter_off:on:vision,adapter_off:off"]),
+      "--ours", "adapter_off:on:vision,adapter_off:off", "--count-flops"]),
     ("K answers of 64-256 tokens: fast shared-prefix decoding vs generate's loop, num_return_sequences, K calls",
      ["bench_sampling.py"]),
 ]

@@ -197,3 +197,49 @@ def test_the_policy_trains_in_train_mode_and_dropout_follows_disable_dropout(sha
     assert seen["training"] and seen["training_after"]
     assert seen["dropout"] == (0.0 if disable_dropout else 0.5)
     assert seen["reference_equal"]
+
+
+def test_epoch_means_cover_every_batch_and_step_values_reach_the_loggers_on_their_steps(tmp_path, tiny_backbone_path):
+    """The DPO metrics go through Lightning's logging only where they are written (every log_every_n_steps, the
+    progress line's two every step, each once an epoch); the epoch means still cover every batch, exactly."""
+    import csv
+
+    from lightning.pytorch.loggers import CSVLogger
+
+    backbone = tiny_backbone()
+    perturb_lora(backbone.model)  # rewards away from zero, different in every batch
+    shard = write_shard(tmp_path / "p.jsonl", sample_pairs(16))
+    module = DPOModule(backbone.model, AdapterOffReference(backbone.model), DPOSettings(), {"lr": 1e-3})
+    seen: list[tuple[dict[str, torch.Tensor], torch.Tensor]] = []
+    compute = module.compute
+
+    def recording(batch):
+        out = compute(batch)
+        if module.training:
+            seen.append(({k: v.detach().clone() for k, v in out.items()}, batch["weight"].clone()))
+        return out
+
+    module.compute = recording
+    trainer = Trainer(accelerator="cpu", devices=1, max_epochs=2, logger=CSVLogger(tmp_path, name="csv"),
+                      log_every_n_steps=3, enable_checkpointing=False, enable_progress_bar=False,
+                      enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0)
+    trainer.fit(module, datamodule=make_datamodule(backbone, shard))
+    assert len(seen) == 8  # 2 epochs x 4 batches
+
+    def mean(name, batches):
+        values = torch.cat([out[name] * weight for out, weight in batches]).sum()
+        return float(values / torch.cat([weight for _, weight in batches]).sum())
+
+    rows = list(csv.DictReader(open(next(tmp_path.glob("csv/*/metrics.csv")))))
+    epoch_rows = [r for r in rows if r.get("train/rewards/margins_epoch")]
+    assert [int(r["epoch"]) for r in epoch_rows] == [0, 1]
+    for epoch, row in enumerate(epoch_rows):
+        batches = seen[4 * epoch:4 * epoch + 4]
+        for name in ("rewards/margins", "rewards/chosen", "logps/rejected"):
+            assert float(row[f"train/{name}_epoch"]) == pytest.approx(mean(name, batches), rel=1e-5, abs=1e-7), name
+    # step values: written at steps 3 and 6 (log_every_n_steps=3), each its own batch's mean
+    step_rows = {int(r["step"]): r for r in rows if r.get("train/rewards/margins_step")}
+    assert sorted(step_rows) == [2, 5]
+    for step, row in step_rows.items():
+        assert float(row["train/rewards/margins_step"]) == pytest.approx(mean("rewards/margins", [seen[step]]),
+                                                                        rel=1e-5, abs=1e-7)
