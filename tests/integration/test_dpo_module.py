@@ -230,7 +230,7 @@ def test_epoch_means_cover_every_batch_and_step_values_reach_the_loggers_on_thei
         values = torch.cat([out[name] * weight for out, weight in batches]).sum()
         return float(values / torch.cat([weight for _, weight in batches]).sum())
 
-    rows = list(csv.DictReader(open(next(tmp_path.glob("csv/*/metrics.csv")))))
+    rows = list(csv.DictReader(next(tmp_path.glob("csv/*/metrics.csv")).read_text().splitlines()))
     epoch_rows = [r for r in rows if r.get("train/rewards/margins_epoch")]
     assert [int(r["epoch"]) for r in epoch_rows] == [0, 1]
     for epoch, row in enumerate(epoch_rows):
