@@ -290,6 +290,16 @@ def lora_settings(shape: str) -> dict[str, Any]:
             "projector_modules": ["multi_modal_projector"]}
 
 
+def model_dtype(args: argparse.Namespace) -> str:
+    """The contenders' weight dtype: bf16 for the 7B shape (GPU), else ``--dtype`` (float32; float64 for an
+    exactness run)."""
+    return "bfloat16" if args.shape == "llava7b" else getattr(args, "dtype", "float32")
+
+
+def lightning_precision(dtype: str) -> str:
+    return {"bfloat16": "bf16-true", "float64": "64-true"}.get(dtype, "32-true")
+
+
 def run_ours(args: argparse.Namespace, model_dir: Path, pairs_dir: Path, work: Path) -> dict[str, Any]:
     import torch
     from lightning.pytorch import Trainer
@@ -306,7 +316,7 @@ def run_ours(args: argparse.Namespace, model_dir: Path, pairs_dir: Path, work: P
         reference_fingerprint,
     )
 
-    dtype = "bfloat16" if args.shape == "llava7b" else "float32"
+    dtype = model_dtype(args)
     backbone = load_backbone({"name_or_path": str(model_dir), "dtype": dtype, "attn_implementation": "sdpa"},
                              with_lora=False)
     # the same seed right before the adapter is made, as TRL does: both start from identical LoRA weights
@@ -356,7 +366,7 @@ def run_ours(args: argparse.Namespace, model_dir: Path, pairs_dir: Path, work: P
                 step_ends.append(time.perf_counter())
 
         trainer = Trainer(accelerator="gpu" if args.device == "cuda" else "cpu", devices=1, max_epochs=1,
-                          precision="bf16-true" if args.shape == "llava7b" else "32-true", logger=False,
+                          precision=lightning_precision(model_dtype(args)), logger=False,
                           enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                           num_sanity_val_steps=0, limit_val_batches=0, gradient_clip_val=1.0, callbacks=[Record()])
         with flop_counting(args) as flops:
@@ -401,7 +411,7 @@ def run_trl(args: argparse.Namespace, model_dir: Path, pairs_dir: Path, work: Pa
     from stllava_med.chat import prompt_text, vqa_turns
     from stllava_med.data.preference import iter_pairs, resolve_image, resolve_shards
 
-    dtype = "bfloat16" if args.shape == "llava7b" else "float32"
+    dtype = model_dtype(args)
     backbone = load_backbone({"name_or_path": str(model_dir), "dtype": dtype, "attn_implementation": "sdpa"},
                              with_lora=False)
     if args.device == "cuda":
@@ -503,7 +513,7 @@ def launch(args: argparse.Namespace, contender: str, reference: str, sharing: st
                "--model-dir", str(model_dir), "--pairs-dir", str(pairs_dir),
                "--batch-size", str(args.batch_size), "--threads", str(args.threads),
                "--workers", str(args.workers), "--lr", str(args.lr), "--seed", str(args.seed),
-               "--shape", shape, "--device", args.device] + (["--count-flops"] if count else [])
+               "--shape", shape, "--device", args.device, "--dtype", args.dtype] + (["--count-flops"] if count else [])
     proc = subprocess.run(command, capture_output=True, text=True)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
@@ -529,6 +539,9 @@ def main() -> None:
     parser.add_argument("--shape", choices=["bench", "paper_tiny", "llava7b"], nargs="+", default=["bench"],
                         help="one or more shapes, measured in the same rounds; a summary of the ratios follows")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--dtype", choices=["float32", "float64"], default="float32",
+                        help="weights and arithmetic of both (bench / paper_tiny shapes); float64 is an exactness "
+                             "run: the step-loss gaps without float32 rounding (its times are not the float32 ones)")
     parser.add_argument("--ours", default="adapter_off:on:vision,adapter_off:on,precomputed:on:vision,adapter_off:off",
                         help="our variants, reference:prefix-sharing[:vision], comma separated; ':vision' adds the "
                              "vision feature cache (train_dpo's default dpo.vision_cache_dir), fresh in each run")
@@ -596,7 +609,8 @@ def main() -> None:
         if trl[0]["pairs"] % (max(1, args.workers) * args.batch_size):
             print(f"note: {trl[0]['pairs']} pairs are not a multiple of {max(1, args.workers)} workers x batch "
                   f"{args.batch_size}: our slots are padded, so the per-step losses do not pair up with TRL's")
-        header = ("| run | pairs/s | vs TRL | seconds | steps | mean loss | max step-loss gap to TRL | peak memory above start (MB) |"
+        header = ("| run | pairs/s | vs TRL | seconds | steps | mean loss | max step-loss gap to TRL | to our first run "
+                  "| peak memory above start (MB) |"
                   + (" peak CUDA (MB) |" if args.device == "cuda" else ""))
         print(header)
         print("|" + "---|" * (header.count("|") - 1))
@@ -607,8 +621,11 @@ def main() -> None:
             med = {k: statistics.median(r[k] for r in rounds) for k in ("pairs_per_s", "seconds", "peak_rss_mb")}
             first = rounds[0]
             gap = max(abs(a - b) for a, b in zip(first["losses"], trl[0]["losses"]))
+            # between two of our configurations: the same optimiser and loss code, another order of summation
+            ours_gap = ("—" if index == 0 else
+                        f"{max(abs(a - b) for a, b in zip(first['losses'], results[shape, 1][0]['losses'])):.1e}")
             row = (f"| {first['name']} | {med['pairs_per_s']:.2f} | {ratio:.2f}x | {med['seconds']:.1f} | "
-                   f"{first['steps']} | {first['mean_loss']:.4f} | {gap:.1e} | {med['peak_rss_mb']:.0f} |")
+                   f"{first['steps']} | {first['mean_loss']:.4f} | {gap:.1e} | {ours_gap} | {med['peak_rss_mb']:.0f} |")
             if args.device == "cuda":
                 row += f" {statistics.median(r['peak_cuda_mb'] for r in rounds):.0f} |"
             print(row)

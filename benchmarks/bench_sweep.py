@@ -71,7 +71,7 @@ def run_our_job(args: argparse.Namespace, model_dir: Path, pairs_dir: Path, work
     )
     from stllava_med.dpo.vision_cache import build_cached_vision
 
-    backbone = load_backbone({"name_or_path": str(model_dir), "dtype": "float32", "attn_implementation": "sdpa"},
+    backbone = load_backbone({"name_or_path": str(model_dir), "dtype": args.dtype, "attn_implementation": "sdpa"},
                              with_lora=False)
     set_seed(args.seed)  # as TRL does right before it makes the adapter: the same LoRA initialisation
     backbone.model = apply_lora(backbone.model, LoraSettings.from_config(base.lora_settings("bench")))
@@ -87,7 +87,7 @@ def run_our_job(args: argparse.Namespace, model_dir: Path, pairs_dir: Path, work
         vision = build_cached_vision(work / "vision", backbone.model, datamodule, batch_size=args.batch_size,
                                      progress=False)
         cache = ReferenceCache(work / "reference", data_fingerprint=datamodule.data_fingerprint,
-                               reference=reference_fingerprint(str(model_dir), settings={"dtype": "float32"}),
+                               reference=reference_fingerprint(str(model_dir), settings={"dtype": args.dtype}),
                                processor=processor_fingerprint(backbone.processor, ChatFormat()),
                                max_length=settings.max_length)
         reference = PrecomputedReference(
@@ -102,7 +102,8 @@ def run_our_job(args: argparse.Namespace, model_dir: Path, pairs_dir: Path, work
             def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):  # noqa: ANN001
                 losses.append(float(outputs["loss"]))
 
-        trainer = Trainer(accelerator="cpu", devices=1, max_epochs=1, precision="32-true", logger=False,
+        trainer = Trainer(accelerator="cpu", devices=1, max_epochs=1, precision=base.lightning_precision(args.dtype),
+                          logger=False,
                           enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                           num_sanity_val_steps=0, limit_val_batches=0, gradient_clip_val=1.0, callbacks=[Record()])
         with base.flop_counting(args) as flops:
@@ -138,7 +139,7 @@ def spawn(args: argparse.Namespace, contender: str, work: Path, model_dir: Path,
                str(model_dir), "--pairs-dir", str(pairs_dir), "--beta", str(beta), "--fraction", str(fraction),
                "--batch-size",
                str(args.batch_size), "--threads", str(args.threads), "--workers", str(args.workers), "--lr",
-               str(args.lr), "--seed", str(args.seed)] + (["--count-flops"] if count else [])
+               str(args.lr), "--seed", str(args.seed), "--dtype", args.dtype] + (["--count-flops"] if count else [])
     start = time.perf_counter()
     proc = subprocess.run(command, capture_output=True, text=True)
     wall = time.perf_counter() - start
@@ -196,7 +197,7 @@ def report(args: argparse.Namespace, rounds: list[dict[str, Any]], shape: str) -
     our_peak = med([max(job["peak_rss_mb"] for job in r["ours"]) for r in rounds])
     machine = f"CPU ({os.cpu_count()} cores), {args.threads} torch thread(s)"
     print(f"\nDPO sweep, β × fraction = {GRID}, one epoch each, {args.pairs} pairs, batch {args.batch_size}, "
-          f"bench shape ({shape}), {machine}, {args.workers} dataloader workers, {len(rounds)} round(s), medians"
+          f"bench shape ({shape}), {args.dtype}, {machine}, {args.workers} dataloader workers, {len(rounds)} round(s), medians"
           f"{' (DRY RUN: plumbing only, not a measurement)' if args.dry_run else ''}:")
     print(f"identical LoRA initialisation for all jobs: {'yes' if same_init else 'NO'}")
     print("| job (β, fraction) | pairs | TRL pairs/s | ours pairs/s | ours vs TRL | TRL peak MB | ours peak MB "
@@ -254,6 +255,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1, help="rounds (TRL sweep and ours alternate); medians")
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", choices=["float32", "float64"], default="float32",
+                        help="both contenders' weights and arithmetic; float64 is an exactness run: the step-loss "
+                             "gaps without float32 rounding (times are not the float32 ones)")
     parser.add_argument("--dry-run", action="store_true", help="8 pairs, in this process: seconds, plumbing only")
     parser.add_argument("--count-flops", action="store_true",
                         help="after the timed rounds, run both sweeps once more counting their matrix-product and "

@@ -54,6 +54,8 @@ _DTYPES = {
     "float32": torch.float32,
     "fp32": torch.float32,
     "32": torch.float32,
+    "float64": torch.float64,  # exactness checks (benchmarks' --dtype float64)
+    "fp64": torch.float64,
     "bfloat16": torch.bfloat16,
     "bf16": torch.bfloat16,
     "float16": torch.float16,

@@ -59,10 +59,10 @@ def test_precomputed_equals_on_the_fly_reference(setup, tmp_path):
     assert reference.computed == len(dm.train_entries) + len(dm.val_entries) == 10
     for dataset in (dm.train_dataset(), dm.val_dataset()):
         for batch in dataset:
-            cached = reference.logps(batch)
+            cached = reference.logps(batch)  # served as float64 (lossless); the step casts to the policy's dtype
             live = on_the_fly.logps(batch)
-            torch.testing.assert_close(cached[0], live[0], atol=1e-5, rtol=0)
-            torch.testing.assert_close(cached[1], live[1], atol=1e-5, rtol=0)
+            torch.testing.assert_close(cached[0].to(live[0].dtype), live[0], atol=1e-5, rtol=0)
+            torch.testing.assert_close(cached[1].to(live[1].dtype), live[1], atol=1e-5, rtol=0)
             with torch.no_grad():  # and the reference really is the adapter-free model, not the policy
                 policy = on_the_fly.logprobs(batch)
             assert (policy.chosen - live[0]).abs().max() > 1e-3
@@ -154,3 +154,22 @@ def test_ranks_split_the_precomputation_and_read_the_same_cache(setup, tmp_path)
     assert sum(r.computed for r in ranks) == 10 and min(r.computed for r in ranks) > 0
     assert len(make_cache(tmp_path, dm).path.read_text().splitlines()) == 10
     assert ranks[0].table == ranks[1].table and len(ranks[0].table) == 10
+
+
+def test_float64_reference_log_probs_are_computed_stored_and_served_without_rounding(setup, tmp_path):
+    """A float64 run (the benchmarks' exactness runs) keeps float64 end to end: the output layer's log-softmax is
+    not cut to float32, and the cache stores and serves the values exactly (it used to round them to float32)."""
+    import copy
+
+    backbone, dm = setup
+    model = copy.deepcopy(backbone.model).double()
+    live = AdapterOffReference(model)
+    reference = precomputed(make_cache(tmp_path, dm), AdapterOffReference(model), dm)
+    reference.prepare(torch.device("cpu"))
+    for batch in dm.train_dataset():
+        expected = live.logps(batch)
+        assert expected[0].dtype == torch.float64
+        served = reference.logps(batch)
+        assert torch.equal(served[0], expected[0]) and torch.equal(served[1], expected[1])
+        # and the values carry more than float32's precision (a float32 round trip would change them)
+        assert not torch.equal(expected[0].float().double(), expected[0])

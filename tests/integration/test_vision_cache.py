@@ -119,6 +119,13 @@ def test_auto_is_the_towers_dtype_and_a_second_job_computes_nothing(backbone, pa
     assert sum(len(json.loads(line)["images"]) for line in lines) == len(first.items)  # each image once
 
 
+def test_auto_keeps_a_float64_tower_exact():
+    from stllava_med.dpo.vision_cache import storage_dtype
+
+    assert storage_dtype("auto", torch.float64) == torch.float64  # an exactness run stores what its tower computed
+    assert storage_dtype("auto", torch.bfloat16) == torch.bfloat16 and storage_dtype("float16", torch.float64) == torch.float16
+
+
 def test_key_covers_tower_weights_and_image_processing(backbone, pairs, tmp_path):
     dm = datamodule(backbone, pairs)
     base = build_cached_vision(tmp_path, backbone.model, dm, progress=False).cache.key

@@ -58,9 +58,14 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     return get_base() if callable(get_base) else model
 
 
+def _at_least_float32(logits: torch.Tensor) -> torch.Tensor:
+    """Half-precision logits up to float32 for the log-softmax; float32 and float64 stay as they are."""
+    return logits if logits.dtype == torch.float64 else logits.float()
+
+
 def _token_logps(hidden: torch.Tensor, targets: torch.Tensor, lm_head: nn.Module) -> torch.Tensor:
     """log p(target) for each row of ``hidden`` (N, H); the output layer runs on these rows only."""
-    logits = lm_head(hidden).float()
+    logits = _at_least_float32(lm_head(hidden))
     return torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
 
 
@@ -318,7 +323,7 @@ class LogProbs:
         logits = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs).logits
         targets = labels[:, 1:]
         target_mask = targets != IGNORE_INDEX
-        logps = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+        logps = torch.log_softmax(_at_least_float32(logits[:, :-1]), dim=-1)
         token_logps = logps.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1) * target_mask
         sums = token_logps.sum(-1)
         counts = target_mask.sum(-1).to(sums.dtype)

@@ -358,8 +358,8 @@ class ReferenceCache:
     def append(self, ids: Iterable[str], digests: Mapping[str, str], chosen: torch.Tensor,
                rejected: torch.Tensor) -> None:
         ids = list(ids)
-        chosen_values = chosen.detach().float().cpu().tolist()
-        rejected_values = rejected.detach().float().cpu().tolist()
+        chosen_values = chosen.detach().double().cpu().tolist()  # lossless for any dtype
+        rejected_values = rejected.detach().double().cpu().tolist()
         bad = [i for i, c, r in zip(ids, chosen_values, rejected_values) if not (math.isfinite(c) and math.isfinite(r))]
         if bad:
             raise ReferenceCacheError(f"the reference produced non-finite log-probs for pairs {bad[:5]}; "
@@ -453,7 +453,7 @@ class PrecomputedReference:
         except KeyError as err:
             raise ReferenceCacheError(f"pair {err.args[0]!r} has no precomputed reference log-probs") from None
         device = batch["chosen_input_ids"].device
-        tensor = torch.tensor(values, dtype=torch.float32, device=device)
+        tensor = torch.tensor(values, dtype=torch.float64, device=device)  # the step casts to the policy's dtype
         return tensor[:, 0], tensor[:, 1]
 
     def to(self, device: torch.device) -> PrecomputedReference:

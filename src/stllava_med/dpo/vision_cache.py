@@ -75,7 +75,8 @@ VISION_CACHE_DTYPES = ("auto", "float16", "bfloat16", "float32")
 # Free space left on the cache's filesystem after a fill; a fill that would not leave it is not started.
 DISK_MARGIN_BYTES = 1 << 30
 
-_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
+           "float64": torch.float64}  # float64: `auto` for a float64 tower (exactness checks)
 
 
 class VisionCacheError(ValueError):
