@@ -603,7 +603,7 @@ def main() -> None:
     for shape in shapes:
         trl = results[shape, 0]
         print(f"\nDPO, one epoch of {trl[0]['pairs']} pairs, batch {args.batch_size}, {shape} shape "
-              f"({summaries[shape]}), {device}, {args.workers} dataloader workers, {args.repeats} round(s), medians:")
+              f"({summaries[shape]}), {'bfloat16' if shape == 'llava7b' else args.dtype}, {device}, {args.workers} dataloader workers, {args.repeats} round(s), medians:")
         same_init = len({r["lora_init"] for i in range(len(runs)) for r in results[shape, i]}) == 1
         print(f"identical LoRA initialisation for all runs: {'yes' if same_init else 'NO'}")
         if trl[0]["pairs"] % (max(1, args.workers) * args.batch_size):

@@ -164,11 +164,10 @@ def sweep_round(args: argparse.Namespace, work: Path, model_dir: Path, pairs_dir
             job_work.mkdir(exist_ok=True)
             job_pairs = subsets[fraction] if who == "trl" else pairs_dir
             start = time.perf_counter()
-            if args.dry_run:
-                args.count_flops = count
-                run = run_trl_job if who == "trl" else run_our_job
-                job = (run(args, model_dir, job_pairs, job_work, beta) if who == "trl"
-                       else run(args, model_dir, job_pairs, job_work, beta, fraction))
+            if args.dry_run:  # in this process: the jobs read whether to count from args, for this round only
+                job_args = argparse.Namespace(**{**vars(args), "count_flops": count})
+                job = (run_trl_job(job_args, model_dir, job_pairs, job_work, beta) if who == "trl"
+                       else run_our_job(job_args, model_dir, job_pairs, job_work, beta, fraction))
             else:
                 job, _ = spawn(args, who, job_work, model_dir, job_pairs, beta, fraction, count)
             out[f"{who}_wall"] += time.perf_counter() - start
