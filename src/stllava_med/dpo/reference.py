@@ -453,7 +453,8 @@ class PrecomputedReference:
         except KeyError as err:
             raise ReferenceCacheError(f"pair {err.args[0]!r} has no precomputed reference log-probs") from None
         device = batch["chosen_input_ids"].device
-        tensor = torch.tensor(values, dtype=torch.float64, device=device)  # the step casts to the policy's dtype
+        # float64 (lossless; the step casts to the policy's dtype), float32 where the device has no float64 (MPS)
+        tensor = torch.tensor(values, dtype=torch.float32 if device.type == "mps" else torch.float64, device=device)
         return tensor[:, 0], tensor[:, 1]
 
     def to(self, device: torch.device) -> PrecomputedReference:
