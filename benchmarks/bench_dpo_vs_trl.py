@@ -366,7 +366,7 @@ def run_ours(args: argparse.Namespace, model_dir: Path, pairs_dir: Path, work: P
                 step_ends.append(time.perf_counter())
 
         trainer = Trainer(accelerator="gpu" if args.device == "cuda" else "cpu", devices=1, max_epochs=1,
-                          precision=lightning_precision(model_dtype(args)), logger=False,
+                          precision=lightning_precision(dtype), logger=False,
                           enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                           num_sanity_val_steps=0, limit_val_batches=0, gradient_clip_val=1.0, callbacks=[Record()])
         with flop_counting(args) as flops:
